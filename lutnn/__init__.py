@@ -1,0 +1,15 @@
+"""lutnn: neural networks whose matrix multiplications are learned table lookups."""
+from .calibrate import InitReport, capture_rows, init_prototypes, reconstruction_error
+from .convert import ConversionReport, LUTConfig, LUTConfigError, convert, convert_, lut_layers, set_mode
+from .io import PrototypeFileError, load_prototypes, save_prototypes
+from .kmeans import available_backends, kmeans
+from .layers import LUTBase, LUTConv2d, LUTLinear, QuantizedTable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConversionReport", "InitReport", "LUTBase", "LUTConfig", "LUTConfigError", "LUTConv2d", "LUTLinear",
+    "PrototypeFileError", "QuantizedTable", "available_backends", "capture_rows", "convert", "convert_",
+    "init_prototypes", "kmeans", "load_prototypes", "lut_layers", "reconstruction_error", "save_prototypes",
+    "set_mode",
+]

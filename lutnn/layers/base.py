@@ -1,0 +1,165 @@
+"""Common machinery of LUT layers: prototypes, temperature, modes and cached tables."""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as LF
+from .quant import Granularity, QuantizedTable
+
+Mode = Literal["auto", "ste", "soft", "lut", "dense"]
+MODES: tuple[str, ...] = ("auto", "ste", "soft", "lut", "dense")
+# V when a layer is given neither C nor V: 8 floats = one 32-byte row per prototype.
+DEFAULT_SUBVEC_LEN = 8
+
+
+def resolve_codebooks(
+    in_features: int,
+    num_codebooks: int | None,
+    subvec_len: int | None,
+    where: str = "layer",
+) -> tuple[int, int]:
+    """Return ``(C, V)`` from whichever of the two was given, checking ``C * V == D``."""
+    if num_codebooks is None and subvec_len is None:
+        raise ValueError(f"{where}: give num_codebooks (C) or subvec_len (V)")
+    if subvec_len is not None and subvec_len <= 0 or num_codebooks is not None and num_codebooks <= 0:
+        raise ValueError(f"{where}: C and V must be positive, got C={num_codebooks}, V={subvec_len}")
+    if subvec_len is None:
+        subvec_len = in_features // num_codebooks
+    if num_codebooks is None:
+        num_codebooks = in_features // subvec_len
+    if num_codebooks * subvec_len != in_features:
+        raise ValueError(
+            f"{where}: input dim D={in_features} is not C*V (C={num_codebooks}, V={subvec_len}); "
+            f"V must divide D — divisors of {in_features}: {_divisors(in_features)}"
+        )
+    return num_codebooks, subvec_len
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
+
+
+class LUTBase(nn.Module):
+    """Owns ``prototypes [C, K, V]``, ``log_tau`` and the ``[M, D]`` product.
+
+    Subclasses only reshape their input to rows ``[N, D]`` (``_rows``) and back.
+
+    Modes (``self.mode``):
+
+    * ``"ste"``  — hard argmin forward, soft-argmin gradient (LUT-NN training).
+    * ``"soft"`` — soft-argmin forward and backward (smooth; for analysis/gradcheck).
+    * ``"lut"``  — integer codes + precomputed table, no ``x @ W`` (inference).
+    * ``"dense"``— the original ``x @ W`` (calibration, baselines).
+    * ``"auto"`` — ``"ste"`` while ``training`` else ``"lut"`` (default).
+    """
+
+    in_features: int
+    out_features: int
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_codebooks: int | None = None,
+        subvec_len: int | None = None,
+        num_prototypes: int = 16,
+        init_temperature: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= num_prototypes <= 256:
+            raise ValueError(f"num_prototypes (K) must be in [1, 256] so a code fits in uint8, got {num_prototypes}")
+        if init_temperature <= 0:
+            raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
+        c, v = resolve_codebooks(in_features, num_codebooks, subvec_len, type(self).__name__)
+        self.in_features, self.out_features = in_features, out_features
+        self.num_codebooks, self.subvec_len, self.num_prototypes = c, v, num_prototypes
+        factory = {"device": device, "dtype": dtype}
+        self.prototypes = nn.Parameter(torch.randn(c, num_prototypes, v, **factory))
+        self.log_tau = nn.Parameter(torch.tensor(math.log(init_temperature), **factory))
+        self.mode: Mode = "auto"
+        self._table_cache: tuple[tuple, Tensor] | None = None
+        self._qtable: QuantizedTable | None = None
+        self._qtable_key: tuple | None = None
+
+    # -- subclass hooks -------------------------------------------------------------
+    def weight_2d(self) -> Tensor:
+        """The weight as ``[M, D]`` (the layout the tables are built from)."""
+        raise NotImplementedError
+
+    def bias_or_none(self) -> Tensor | None:
+        return getattr(self, "bias", None)
+
+    # -- modes ----------------------------------------------------------------------
+    @property
+    def temperature(self) -> Tensor:
+        return self.log_tau.exp()
+
+    def set_mode(self, mode: Mode) -> "LUTBase":
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        return self
+
+    def effective_mode(self) -> str:
+        if self.mode == "auto":
+            return "ste" if self.training else "lut"
+        return self.mode
+
+    # -- tables ---------------------------------------------------------------------
+    def _params_key(self) -> tuple:
+        w = self.weight_2d()
+        return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in (self.prototypes, w))
+
+    def table(self) -> Tensor:
+        """``[C, K, M]`` table; rebuilt only when prototypes or weight changed."""
+        key = self._params_key()
+        if self._table_cache is None or self._table_cache[0] != key:
+            with torch.no_grad():
+                t = LF.build_table(self.prototypes, self.weight_2d())
+            self._table_cache = (key, t)
+        return self._table_cache[1]
+
+    def quantize_tables(self, granularity: Granularity | None = "output") -> dict[str, float] | None:
+        """Switch lut mode to int8 tables (or back to fp32 with ``None``); returns the error report."""
+        if granularity is None:
+            self._qtable, self._qtable_key = None, None
+            return None
+        self._qtable = QuantizedTable.from_table(self.table(), granularity)
+        self._qtable_key = self._params_key()
+        return self._qtable.report(self.table())
+
+    @property
+    def quantized_table(self) -> QuantizedTable | None:
+        if self._qtable is not None and self._qtable_key != self._params_key():
+            # Parameters moved since quantisation: requantise with the same granularity.
+            self.quantize_tables(self._qtable.granularity)
+        return self._qtable
+
+    def encode(self, rows: Tensor) -> Tensor:
+        return LF.encode(rows, self.prototypes)
+
+    # -- core -----------------------------------------------------------------------
+    def _matmul_rows(self, rows: Tensor) -> Tensor:
+        """``[N, D] -> [N, M]`` according to the current mode."""
+        mode = self.effective_mode()
+        w, b = self.weight_2d(), self.bias_or_none()
+        if mode == "dense":
+            return F.linear(rows, w, b)
+        if mode == "lut":
+            codes = self.encode(rows)
+            q = self.quantized_table
+            return q.lookup(codes, b) if q is not None else LF.table_lookup(codes, self.table(), b)
+        return LF.lut_matmul(rows, self.prototypes, w, b, self.log_tau, hard=(mode == "ste"))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_features}, {self.out_features}, C={self.num_codebooks}, "
+            f"K={self.num_prototypes}, V={self.subvec_len}, mode={self.mode}"
+        )

@@ -1,0 +1,117 @@
+"""``LUTConv2d``: a drop-in ``nn.Conv2d`` computed as lookups over im2col patches.
+
+Each output pixel's receptive field is unfolded into a row of ``D = Cin * kh * kw``
+values ordered ``(cin, kh, kw)``; sub-vectors run along that row, so the default
+``V = kh * kw`` makes one sub-vector exactly one input channel's patch.
+
+Unsupported (rejected with an error): ``groups != 1`` (depthwise/grouped convs) and
+``padding_mode`` other than ``"zeros"``; string padding ``"same"``/``"valid"`` is
+resolved to explicit numbers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from .base import DEFAULT_SUBVEC_LEN, LUTBase
+
+
+def conv_unsupported_reason(layer: nn.Conv2d) -> str | None:
+    """Why ``layer`` cannot become a ``LUTConv2d`` (``None`` if it can)."""
+    if layer.groups != 1:
+        return f"groups={layer.groups} (only groups=1 is supported)"
+    if layer.padding_mode != "zeros":
+        return f"padding_mode={layer.padding_mode!r} (only 'zeros' is supported)"
+    return None
+
+
+def _resolve_padding(padding, kernel_size, dilation) -> tuple[int, int]:
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+        if any(t % 2 for t in total):
+            raise ValueError("padding='same' with an even effective kernel is asymmetric and not supported")
+        return tuple(t // 2 for t in total)
+    return _pair(padding)
+
+
+class LUTConv2d(LUTBase):
+    """``nn.Conv2d`` (groups=1) whose im2col matmul is a table lookup."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        num_codebooks: int | None = None,
+        subvec_len: int | None = None,
+        num_prototypes: int = 16,
+        init_temperature: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.kernel_size = _pair(kernel_size)
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        self.padding = _resolve_padding(padding, self.kernel_size, self.dilation)
+        kh, kw = self.kernel_size
+        if num_codebooks is None and subvec_len is None:
+            subvec_len = kh * kw if kh * kw > 1 else DEFAULT_SUBVEC_LEN
+        super().__init__(
+            in_channels * kh * kw, out_channels, num_codebooks, subvec_len, num_prototypes,
+            init_temperature, device, dtype,
+        )
+        self.in_channels, self.out_channels = in_channels, out_channels
+        ref = nn.Conv2d(in_channels, out_channels, self.kernel_size, bias=bias, device=device, dtype=dtype)
+        self.weight = ref.weight
+        self.bias = ref.bias
+
+    @classmethod
+    def from_dense(cls, layer: nn.Conv2d, **lut_kwargs) -> "LUTConv2d":
+        reason = conv_unsupported_reason(layer)
+        if reason:
+            raise ValueError(f"cannot convert Conv2d: {reason}")
+        p = layer.weight
+        lut = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                  layer.dilation, layer.bias is not None, device=p.device, dtype=p.dtype, **lut_kwargs)
+        with torch.no_grad():
+            lut.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                lut.bias.copy_(layer.bias)
+        return lut
+
+    def weight_2d(self) -> Tensor:
+        return self.weight.reshape(self.out_channels, -1)
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        return tuple(
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride)
+        )
+
+    def rows(self, x: Tensor) -> Tensor:
+        """im2col patches as ``[B * Hout * Wout, D]`` rows (what calibration captures)."""
+        patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [B, D, L]
+        return patches.transpose(1, 2).reshape(-1, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"LUTConv2d expects [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        if self.effective_mode() == "dense":
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        b = x.shape[0]
+        h_out, w_out = self.output_size(x.shape[2], x.shape[3])
+        y = self._matmul_rows(self.rows(x))  # [B*L, M]
+        return y.reshape(b, h_out * w_out, self.out_channels).transpose(1, 2).reshape(b, -1, h_out, w_out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, " + super().extra_repr().split(", ", 2)[2]
+        )
