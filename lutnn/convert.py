@@ -37,7 +37,8 @@ class LUTConfig:
     """What to convert and with which codebooks.
 
     ``subvec_len`` (V) or ``num_codebooks`` (C) — give at most one. With neither, V
-    defaults to ``kh*kw`` for k×k convolutions (one channel's patch) and 8 otherwise.
+    defaults to ``kh*kw`` for k×k convolutions (one channel's patch) and otherwise to the
+    largest divisor of D up to 8. An explicit V that does not divide D is an error.
     ``strict=False`` leaves layers that cannot be converted (V not dividing D, grouped
     convs) dense and lists them in the report instead of raising.
     """

@@ -17,6 +17,11 @@ MODES: tuple[str, ...] = ("auto", "ste", "soft", "lut", "dense")
 DEFAULT_SUBVEC_LEN = 8
 
 
+def default_subvec_len(in_features: int) -> int:
+    """Largest divisor of D that is <= DEFAULT_SUBVEC_LEN, so defaults never fail on odd widths."""
+    return max(v for v in range(1, DEFAULT_SUBVEC_LEN + 1) if in_features % v == 0)
+
+
 def resolve_codebooks(
     in_features: int,
     num_codebooks: int | None,

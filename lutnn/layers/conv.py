@@ -2,7 +2,8 @@
 
 Each output pixel's receptive field is unfolded into a row of ``D = Cin * kh * kw``
 values ordered ``(cin, kh, kw)``; sub-vectors run along that row, so the default
-``V = kh * kw`` makes one sub-vector exactly one input channel's patch.
+``V = kh * kw`` makes one sub-vector exactly one input channel's patch (1×1 convs
+default like linear layers: the largest divisor of D up to 8).
 
 Unsupported (rejected with an error): ``groups != 1`` (depthwise/grouped convs) and
 ``padding_mode`` other than ``"zeros"``; string padding ``"same"``/``"valid"`` is
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .base import DEFAULT_SUBVEC_LEN, LUTBase
+from .base import LUTBase, default_subvec_len
 
 
 def conv_unsupported_reason(layer: nn.Conv2d) -> str | None:
@@ -62,7 +63,7 @@ class LUTConv2d(LUTBase):
         self.padding = _resolve_padding(padding, self.kernel_size, self.dilation)
         kh, kw = self.kernel_size
         if num_codebooks is None and subvec_len is None:
-            subvec_len = kh * kw if kh * kw > 1 else DEFAULT_SUBVEC_LEN
+            subvec_len = kh * kw if kh * kw > 1 else default_subvec_len(in_channels)
         super().__init__(
             in_channels * kh * kw, out_channels, num_codebooks, subvec_len, num_prototypes,
             init_temperature, device, dtype,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import DEFAULT_SUBVEC_LEN, LUTBase
+from .base import LUTBase, default_subvec_len
 
 
 class LUTLinear(LUTBase):
@@ -27,7 +27,7 @@ class LUTLinear(LUTBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         if num_codebooks is None and subvec_len is None:
-            subvec_len = DEFAULT_SUBVEC_LEN
+            subvec_len = default_subvec_len(in_features)
         super().__init__(
             in_features, out_features, num_codebooks, subvec_len, num_prototypes, init_temperature, device, dtype
         )
