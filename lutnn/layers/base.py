@@ -124,6 +124,10 @@ class LUTBase(nn.Module):
 
     def table(self) -> Tensor:
         """``[C, K, M]`` table; rebuilt only when prototypes or weight changed."""
+        if torch.compiler.is_compiling():
+            # Traced tensors (torch.compile/export, TensorRT) have no data pointer to key a
+            # cache on: emit the build into the graph, where it is a parameter-only constant.
+            return LF.build_table(self.prototypes, self.weight_2d())
         key = self._params_key()
         if self._table_cache is None or self._table_cache[0] != key:
             with torch.no_grad():
@@ -142,7 +146,7 @@ class LUTBase(nn.Module):
 
     @property
     def quantized_table(self) -> QuantizedTable | None:
-        if self._qtable is not None and self._qtable_key != self._params_key():
+        if self._qtable is not None and not torch.compiler.is_compiling() and self._qtable_key != self._params_key():
             # Parameters moved since quantisation: requantise with the same granularity.
             self.quantize_tables(self._qtable.granularity)
         return self._qtable
