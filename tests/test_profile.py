@@ -1,0 +1,133 @@
+"""OpCounter: LUT rules against hand-computed counts, dense totals against thop, size formulas."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lutnn
+from lutnn import LUTConv2d, LUTLinear
+from lutnn import profile as P
+
+
+def _cost(prof: P.ModelProfile, name: str) -> P.LayerCost:
+    return next(c for c in prof.layers if c.name == name)
+
+
+def test_lut_linear_rule_hand_computed():
+    # D=32, M=10, V=8 -> C=4, K=16; input [3, 5, 32] -> N=15 rows
+    net = nn.Sequential(LUTLinear(32, 10, subvec_len=8)).eval()
+    c = _cost(P.profile(net, torch.randn(3, 5, 32)), "0")
+    assert (c.macs, c.compares, c.adds) == (15 * 4 * 16 * 8, 15 * 4 * 15, 15 * 4 * 10) == (7680, 900, 600)
+    assert c.flops == 2 * 7680 + 900 + 600
+    assert c.bytes_fp32 == 4 * (4 * 16 * 8 + 4 * 16 * 10 + 10) == 4648
+    assert c.bytes_int8 == 4 * (4 * 16 * 8 + 10 + 10) + 4 * 16 * 10 == 2768
+    assert c.code_bytes == 15 * 4 * 4 / 8  # 4-bit codes
+
+
+def test_lut_conv_rule_hand_computed():
+    # D = 3*3*3 = 27, V = kh*kw = 9 -> C=3, K=16, M=4; [2, 3, 8, 8] with padding 1 -> N = 2*8*8
+    net = nn.Sequential(LUTConv2d(3, 4, 3, padding=1)).eval()
+    c = _cost(P.profile(net, torch.randn(2, 3, 8, 8)), "0")
+    assert (c.macs, c.compares, c.adds) == (128 * 3 * 16 * 9, 128 * 3 * 15, 128 * 3 * 4) == (55296, 5760, 1536)
+    assert c.bytes_fp32 == 4 * (3 * 16 * 9 + 3 * 16 * 4 + 4) == 2512
+    assert c.bytes_int8 == 4 * (3 * 16 * 9 + 4 + 4) + 3 * 16 * 4 == 1952
+
+
+def test_int8_size_follows_the_quantized_granularity():
+    layer = LUTLinear(32, 10, subvec_len=8, bias=False)
+    layer.quantize_tables("codebook")  # one scale per codebook instead of per output
+    assert P.lut_layer_bytes(layer) == (4 * (512 + 640), 4 * (512 + 4) + 640)
+
+
+def test_dense_mode_lut_layer_counts_like_the_dense_layer():
+    dense = nn.Sequential(nn.Linear(32, 10)).eval()
+    lut, _ = lutnn.convert(dense)
+    lutnn.set_mode(lut, "dense")
+    x = torch.randn(7, 32)
+    assert _cost(P.profile(lut, x), "0").macs == P.thop_macs(copy.deepcopy(dense), (x,)) == 7 * 32 * 10
+
+
+def _small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval()
+
+
+@pytest.mark.parametrize("make", [_small_cnn, lambda: __import__("timm").create_model("resnet18", pretrained=False)])
+def test_dense_totals_match_thop_and_state_is_untouched(make):
+    model = make().eval()
+    x = torch.randn(2, 3, 32, 32)
+    keys = list(model.state_dict())
+    prof = P.profile(model, x)
+    assert list(model.state_dict()) == keys, "thop's temporary buffers leaked into the model"
+    assert prof.macs == P.thop_macs(copy.deepcopy(model), (x,)) > 0
+    assert prof.total("adds") == prof.total("compares") == 0
+
+
+def test_dense_size_is_fp32_params_and_float_buffers():
+    model = _small_cnn()
+    params = sum(p.numel() for p in model.parameters())
+    bn_stats = 2 * 16  # running_mean/var; num_batches_tracked is an integer counter
+    assert P.profile(model, torch.zeros(1, 3, 8, 8)).bytes_fp32 == 4 * (params + bn_stats)
+
+
+def test_lut_size_replaces_weights_by_prototypes_and_tables():
+    model = _small_cnn()
+    lut, report = lutnn.convert(model)
+    assert len(report.converted) == 3
+    dense_bytes = P.profile(model, torch.zeros(1, 3, 8, 8)).bytes_fp32
+    expected = dense_bytes
+    for layer, dense_layer in ((lut[0], model[0]), (lut[3], model[3]), (lut[7], model[7])):
+        expected += P.lut_layer_bytes(layer)[0] - 4 * sum(p.numel() for p in dense_layer.parameters())
+    assert P.profile(lut.eval(), torch.zeros(1, 3, 8, 8)).bytes_fp32 == expected
+
+
+def test_converted_model_has_fewer_multiplies_and_nonzero_lut_work():
+    dense, lut = P.profile_pair("resnet18", input_size=(3, 32, 32))
+    assert lut.macs < dense.macs / 2
+    assert lut.total("adds") > 0 and lut.total("compares") > 0
+    assert lut.bytes_int8 < dense.bytes_fp32
+    # the stem and the classifier stay dense
+    assert _cost(lut, "conv1").kind == "Conv2d" and _cost(lut, "fc").kind == "Linear"
+    assert _cost(lut, "layer1.0.conv1").kind == "LUTConv2d"
+
+
+def test_ends_to_keep_dense_reads_timm_cfg():
+    import timm
+
+    assert P.ends_to_keep_dense(timm.create_model("deit_tiny_patch16_224", pretrained=False)) == [
+        "patch_embed.proj", "head"]
+
+
+def test_cli_prints_markdown_and_per_layer(capsys, tmp_path):
+    out = tmp_path / "p.md"
+    assert P.main(["--model", "resnet18", "--input-size", "3", "32", "32", "--subvec-len", "4",
+                   "--per-layer", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| resnet18 (dense) | 1x3x32x32 |" in text and "| resnet18 (LUT) |" in text
+    assert "| layer1.0.conv1 | LUTConv2d |" in text
+    assert out.read_text().strip() == text.strip()
+
+
+def test_cli_bad_inputs_are_one_line_errors(capsys, tmp_path):
+    assert P.main(["--model", "no_such_model_xyz"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --model 'no_such_model_xyz'") and "\n" not in err
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("lut:\n  subvec_len: 8\n  prototypes: 16\n")
+    assert P.main(["--model", "resnet18", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(cfg) in err and "prototypes" in err and "\n" not in err
+
+
+def test_cli_config_file_is_applied(capsys, tmp_path):
+    cfg = tmp_path / "k8.yaml"
+    cfg.write_text("lut:\n  num_prototypes: 8\n")
+    assert P.main(["--model", "resnet18", "--input-size", "3", "32", "32", "--config", str(cfg), "--per-layer"]) == 0
+    row = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("| layer1.0.conv1 | LUTConv2d"))
+    # 32x32 -> stride-2 stem and max-pool -> 8x8 = 64 rows; D = 64*9, V = 9 -> C = 64; K = 8
+    assert row.split("|")[5].strip() == f"{64 * 64 * 7:,}"
