@@ -105,7 +105,7 @@ def _faiss_kmeans(x: Tensor, k: int, niter: int, seed: int) -> Tensor:
     out = []
     for xc in x.cpu().numpy():
         km = faiss.Kmeans(xc.shape[1], k, niter=niter, seed=seed, verbose=False,
-                          max_points_per_centroid=max(256, -(-xc.shape[0] // k)))
+                          min_points_per_centroid=1, max_points_per_centroid=max(256, -(-xc.shape[0] // k)))
         km.train(np.ascontiguousarray(xc, dtype=np.float32))
         out.append(torch.from_numpy(km.centroids.copy()))
     return torch.stack(out).to(x.device)
