@@ -295,14 +295,14 @@ def dense_and_lut(
     model_name: str,
     config: LUTConfig | None = None,
     keep_ends_dense: bool = True,
-    num_classes: int | None = None,
+    **model_kwargs: Any,
 ) -> tuple[nn.Module, nn.Module]:
-    """A randomly initialised timm model (``pretrained=False``) and its LUT conversion, both eval."""
+    """A randomly initialised timm model (``pretrained=False``, ``model_kwargs`` passed to
+    ``timm.create_model``) and its LUT conversion, both in eval mode."""
     import timm
 
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
     try:
-        dense = timm.create_model(model_name, pretrained=False, **kwargs).eval()
+        dense = timm.create_model(model_name, pretrained=False, **model_kwargs).eval()
     except RuntimeError as err:
         raise ValueError(f"--model {model_name!r}: {err}") from None
     config = copy.deepcopy(config) if config is not None else LUTConfig()
