@@ -1,0 +1,162 @@
+"""TensorRT compilation of dense and LUT models, timed against eager PyTorch.
+
+``torch_tensorrt`` is imported lazily: lutnn itself never needs it, and on a machine
+without a CUDA GPU or the package :func:`require_tensorrt` raises
+:class:`TensorRTUnavailable` with a one-line reason.
+
+Compilation uses the dynamo front end (``torch.export`` underneath)::
+
+    torch_tensorrt.compile(model, ir="dynamo", inputs=[x], enabled_precisions={torch.float32},
+                           min_block_size=5, torch_executed_ops={...})
+
+A LUT layer lowers to ``baddbmm`` (encode distances) -> ``argmin`` -> ``embedding_bag``
+(table gather-accumulate); its table is a parameter-only subexpression
+(``einsum(prototypes, weight)``) that the compiler folds into a constant. Ops TensorRT
+cannot convert fall back to PyTorch automatically; ``min_block_size`` is the smallest
+run of convertible ops worth a TensorRT engine (smaller runs stay in PyTorch), and
+``torch_executed_ops`` forces ops to PyTorch — :data:`LUT_OPS` are the ones to force
+when a TensorRT version mishandles argmin or embedding_bag.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+# aten targets of a LUT layer's encode/lookup as they appear in the exported graph
+LUT_OPS = (
+    "torch.ops.aten.argmin.default",
+    "torch.ops.aten.embedding_bag.default",
+    "torch.ops.aten.embedding_bag.padding_idx",
+    "torch.ops.aten._embedding_bag.default",
+)
+
+
+class TensorRTUnavailable(RuntimeError):
+    """No CUDA GPU or no importable torch-tensorrt; the message is one line."""
+
+
+def require_tensorrt():
+    """The ``torch_tensorrt`` module, or :class:`TensorRTUnavailable` saying what is missing."""
+    if not torch.cuda.is_available():
+        raise TensorRTUnavailable(
+            "no CUDA GPU visible to PyTorch (torch.cuda.is_available() is False); "
+            "TensorRT compilation needs an NVIDIA GPU and the torch-tensorrt package"
+        )
+    if importlib.util.find_spec("torch_tensorrt") is None:
+        raise TensorRTUnavailable(
+            f"torch-tensorrt is not installed; install the build matching torch {torch.__version__} "
+            "(pip install torch-tensorrt)"
+        )
+    try:
+        return importlib.import_module("torch_tensorrt")
+    except Exception as err:  # a wheel built for another torch/CUDA fails at import in many ways
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TensorRTUnavailable(f"torch-tensorrt failed to import: {first}") from None
+
+
+def compile_tensorrt(
+    model: nn.Module,
+    example: Tensor,
+    min_block_size: int = 5,
+    torch_executed_ops: Sequence[str] = (),
+) -> nn.Module:
+    """``model`` compiled by TensorRT for inputs shaped (and typed) like ``example``."""
+    trt = require_tensorrt()
+    return trt.compile(
+        model,
+        ir="dynamo",
+        inputs=[example],
+        enabled_precisions={example.dtype},
+        min_block_size=min_block_size,
+        torch_executed_ops=set(torch_executed_ops),
+    )
+
+
+@torch.inference_mode()
+def median_latency_ms(fn: Callable[[Tensor], object], x: Tensor, warmup: int = 10, repeats: int = 50) -> float:
+    """Median wall time of ``fn(x)`` in milliseconds, synchronising CUDA around each call."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for _ in range(warmup):
+        fn(x)
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@dataclass
+class LatencyRow:
+    model: str
+    backend: str
+    median_ms: float
+    speedup: float  # eager median / this median, same model
+    max_abs_diff: float  # against the eager output
+
+
+def benchmark(
+    models: dict[str, nn.Module],
+    example: Tensor,
+    warmup: int = 10,
+    repeats: int = 50,
+    min_block_size: int = 5,
+    torch_executed_ops: Sequence[str] = (),
+) -> list[LatencyRow]:
+    """Eager and TensorRT median latency of every model on ``example`` (already on the GPU)."""
+    rows = []
+    for name, model in models.items():
+        model = model.eval().to(device=example.device, dtype=example.dtype)
+        with torch.inference_mode():
+            ref = model(example)
+        eager = median_latency_ms(model, example, warmup, repeats)
+        rows.append(LatencyRow(name, "eager", eager, 1.0, 0.0))
+        compiled = compile_tensorrt(model, example, min_block_size, torch_executed_ops)
+        with torch.inference_mode():
+            diff = float((compiled(example).float() - ref.float()).abs().max())
+        ms = median_latency_ms(compiled, example, warmup, repeats)
+        rows.append(LatencyRow(name, "tensorrt", ms, eager / ms, diff))
+    return rows
+
+
+def latency_markdown(rows: Sequence[LatencyRow], device: str = "", note: str = "") -> str:
+    lines = [
+        "| model | backend | median ms | speedup vs eager | max abs diff vs eager |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r.model} | {r.backend} | {r.median_ms:.3f} | {r.speedup:.2f}x | {r.max_abs_diff:.2e} |" for r in rows
+    ]
+    if device or note:
+        lines.append("\n" + " ".join(s for s in (device, note) if s))
+    return "\n".join(lines)
+
+
+def load_models(
+    checkpoint: str | None = None,
+    model_name: str | None = None,
+    input_size: Sequence[int] | None = None,
+    keep_ends_dense: bool = True,
+) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
+    """``(dense, lut, input_size)`` from a training run directory or a timm model name."""
+    if checkpoint is not None:
+        try:
+            from .runs import load_run
+        except ImportError as err:
+            raise ValueError(f"--checkpoint needs lutnn.runs ({err})") from None
+        run = load_run(checkpoint)
+        return run.dense_model, run.lut_model, tuple(input_size or run.input_size)
+    from .profile import default_input_size, dense_and_lut
+
+    dense, lut = dense_and_lut(model_name, keep_ends_dense=keep_ends_dense)
+    return dense, lut, tuple(input_size or default_input_size(dense))
