@@ -131,3 +131,33 @@ def test_cli_config_file_is_applied(capsys, tmp_path):
     row = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("| layer1.0.conv1 | LUTConv2d"))
     # 32x32 -> stride-2 stem and max-pool -> 8x8 = 64 rows; D = 64*9, V = 9 -> C = 64; K = 8
     assert row.split("|")[5].strip() == f"{64 * 64 * 7:,}"
+
+
+def test_opcounter_notebook_executes_in_the_venv_kernel(tmp_path, monkeypatch):
+    """Runs notebooks/OpCounter.ipynb end to end (so it cannot rot) in a kernel of *this* interpreter."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    spec_dir = tmp_path / "kernels" / "lutnn-test"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "lutnn test", "language": "python",
+    }))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    monkeypatch.setenv("LUTNN_NO_PROGRESS", "1")
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "OpCounter.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
+    NotebookClient(nb, kernel_name="lutnn-test", timeout=300,
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    assert nb.cells[-1].outputs[0]["text"].strip() == sys.executable
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    table = next(o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {}))
+    for row in ("deit_tiny_patch16_224 (dense)", "deit_tiny_patch16_224 (LUT)", "resnet18 (dense)", "resnet18 (LUT)"):
+        assert f"| {row} |" in table
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the bar chart was not drawn"
