@@ -324,17 +324,30 @@ def profile_pair(
     input_size: Sequence[int] | None = None,
     batch_size: int = 1,
     keep_ends_dense: bool = True,
+    **model_kwargs: Any,
 ) -> tuple[ModelProfile, ModelProfile]:
     """Profiles of a timm model and of its LUT conversion on the same zero batch."""
-    dense, lut = dense_and_lut(model_name, config, keep_ends_dense)
+    dense, lut = dense_and_lut(model_name, config, keep_ends_dense, **model_kwargs)
     size = tuple(input_size) if input_size else default_input_size(dense)
     x = torch.zeros(batch_size, *size)
     return profile(dense, x, name=f"{model_name} (dense)"), profile(lut, x, name=f"{model_name} (LUT)")
 
 
 # -- CLI -------------------------------------------------------------------------------
-def load_config(path: str | Path) -> LUTConfig:
-    """A YAML file holding LUTConfig keys, at the top level or under ``lut:``."""
+@dataclass
+class FileConfig:
+    """What ``--config`` contributes: LUT settings and, from a run config, the model."""
+
+    lut: LUTConfig
+    model_name: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_size: tuple[int, ...] | None = None
+
+
+def load_config(path: str | Path) -> FileConfig:
+    """A YAML file holding LUTConfig keys at the top level, or a run config (``configs/*.yaml``)
+    whose ``lut:`` section holds them; its ``model.name``/``model.kwargs`` and
+    ``data.image_size`` (with ``model.kwargs.in_chans``, default 3) are used too."""
     import yaml
 
     path = Path(path)
@@ -343,11 +356,23 @@ def load_config(path: str | Path) -> LUTConfig:
     except (OSError, yaml.YAMLError) as err:
         raise LUTConfigError(f"{path}: cannot read config ({err.__class__.__name__}: {err})") from None
     if not isinstance(data, dict):
-        raise LUTConfigError(f"{path}: expected a mapping of LUTConfig keys, got {type(data).__name__}")
-    section = data.get("lut", data)
-    if not isinstance(section, dict):
-        raise LUTConfigError(f"{path}: 'lut' must be a mapping, got {section!r}")
-    return LUTConfig.from_dict(section, where=str(path))
+        raise LUTConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
+    if "lut" not in data:
+        return FileConfig(LUTConfig.from_dict(data, where=str(path)))
+    sections = {key: data.get(key) or {} for key in ("lut", "model", "data")}
+    for key, value in sections.items():
+        if not isinstance(value, dict):
+            raise LUTConfigError(f"{path}: {key!r} must be a mapping, got {value!r}")
+    model, size = sections["model"], sections["data"].get("image_size")
+    if model.get("source", "timm") != "timm":
+        raise LUTConfigError(f"{path}: model.source {model['source']!r}: lutnn.profile builds timm models only")
+    kwargs = dict(model.get("kwargs") or {})
+    return FileConfig(
+        LUTConfig.from_dict(sections["lut"], where=f"{path}: lut"),
+        model.get("name"),
+        kwargs,
+        (kwargs.get("in_chans", 3), size, size) if isinstance(size, int) else None,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,11 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m lutnn.profile",
         description="MACs/FLOPs (thop + LUT rules) and inference size of a timm model, dense vs LUT.",
     )
-    parser.add_argument("--model", required=True, help="timm model name (built with pretrained=False)")
+    parser.add_argument("--model", help="timm model name (built with pretrained=False); default: the config's")
     parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                         help="input size (default: the model's pretrained_cfg, else 3 224 224)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--config", help="YAML with LUTConfig keys (top level or under 'lut:')")
+    parser.add_argument("--config", help="YAML with LUTConfig keys, or a run config (its lut/model/data sections)")
     parser.add_argument("--subvec-len", type=int, help="V (overrides the config)")
     parser.add_argument("--num-codebooks", type=int, help="C (overrides the config)")
     parser.add_argument("--num-prototypes", type=int, help="K (overrides the config)")
@@ -370,27 +395,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resolve(args: argparse.Namespace) -> tuple[str, LUTConfig, tuple[int, ...] | None, dict[str, Any]]:
+    """Model name, LUT config, input size and model kwargs: command line over ``--config``."""
+    file = load_config(args.config) if args.config else FileConfig(LUTConfig())
+    name = args.model or file.model_name
+    if name is None:
+        raise ValueError("give --model NAME (or a --config with model.name)")
+    from_file = name == file.model_name
+    config = file.lut
+    if args.subvec_len is not None or args.num_codebooks is not None:
+        config.subvec_len = config.num_codebooks = None
+    cli = {"subvec_len": args.subvec_len, "num_codebooks": args.num_codebooks, "num_prototypes": args.num_prototypes}
+    changes = {k: v for k, v in cli.items() if v is not None}
+    if changes:
+        config = LUTConfig.from_dict({**vars(config), **changes}, where="command line")
+    input_size = args.input_size or (file.input_size if from_file else None)
+    return name, config, input_size, file.model_kwargs if from_file else {}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    name, input_size = args.model, args.input_size
     try:
-        config = load_config(args.config) if args.config else LUTConfig()
-        cli = {"subvec_len": args.subvec_len, "num_codebooks": args.num_codebooks,
-               "num_prototypes": args.num_prototypes}
-        if cli["subvec_len"] is not None or cli["num_codebooks"] is not None:
-            config.subvec_len = config.num_codebooks = None
-        changes = {k: v for k, v in cli.items() if v is not None}
-        if changes:
-            config = LUTConfig.from_dict({**vars(config), **changes}, where="command line")
-        dense, lut = profile_pair(args.model, config, args.input_size, args.batch_size, not args.convert_all)
+        name, config, input_size, kwargs = _resolve(args)
+        dense, lut = profile_pair(name, config, input_size, args.batch_size, not args.convert_all, **kwargs)
     except ValueError as err:  # LUTConfigError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (RuntimeError, AssertionError) as err:  # e.g. an input size the model rejects
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: forward of {args.model!r} failed (--input-size {args.input_size}): {first}", file=sys.stderr)
+        print(f"error: forward of {name!r} on input {input_size} failed: {first}", file=sys.stderr)
         return 2
-    text = "\n\n".join([compare_markdown([dense, lut])] + ([layers_markdown(dense), layers_markdown(lut)]
-                                                           if args.per_layer else []))
+    text = "\n\n".join([compare_markdown([dense, lut])]
+                       + ([layers_markdown(dense), layers_markdown(lut)] if args.per_layer else []))
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")

@@ -161,3 +161,16 @@ def test_opcounter_notebook_executes_in_the_venv_kernel(tmp_path, monkeypatch):
     for row in ("deit_tiny_patch16_224 (dense)", "deit_tiny_patch16_224 (LUT)", "resnet18 (dense)", "resnet18 (LUT)"):
         assert f"| {row} |" in table
     assert any("image/png" in o.get("data", {}) for o in outputs), "the bar chart was not drawn"
+
+
+def test_cli_reads_a_run_config_model_and_input_size(capsys, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model:\n  name: resnet18\n  kwargs: {num_classes: 10, in_chans: 1}\n"
+                   "data:\n  image_size: 16\nlut:\n  subvec_len: 4\n  exclude: [fc]\n")
+    assert P.main(["--config", str(cfg), "--per-layer"]) == 0
+    out = capsys.readouterr().out
+    assert "| resnet18 (LUT) | 1x1x16x16 |" in out
+    assert "| conv1 | Conv2d |" in out and "| fc | Linear |" in out  # stem and head stay dense
+    # 16x16 -> stem stride 2 and max-pool -> 4x4 = 16 rows; D = 64*9, V = 4 -> C = 144
+    row = next(r for r in out.splitlines() if r.startswith("| layer1.0.conv1 | LUTConv2d"))
+    assert row.split("|")[5].strip() == f"{16 * 144 * 15:,}"
