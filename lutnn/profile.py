@@ -214,7 +214,8 @@ def profile(
     (ViT position embeddings, class tokens) are one ``(other tensors)`` row.
     """
     if inputs is None:
-        inputs = torch.zeros(batch_size, *input_size)
+        param = next(model.parameters(), None)
+        inputs = torch.zeros(batch_size, *input_size, device=param.device if param is not None else None)
     inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
     lut_types = {type(m) for m in model.modules() if isinstance(m, LUTBase)}
     extra: dict[nn.Module, LayerCost] = {}
