@@ -13,6 +13,9 @@ with the dense unit. Units, per forward pass of the given input batch:
   bias and adds one table row per codebook): additions with no multiply at all.
 * ``flops = 2*macs + adds + compares`` (one MAC = one multiply + one add).
 
+A :class:`~lutnn.maddness.MaddnessLinear` (hash-tree encoder) has no MACs: ``N*C*L``
+threshold compares for its ``L``-level trees, then the same ``N*C*M`` lookup-adds.
+
 ``N`` is the number of rows the layer multiplies: tokens for linear layers, output
 pixels (``B*Hout*Wout``) for convolutions. Operations outside ``nn.Module`` leaves
 (attention's ``q @ k.T`` and ``attn @ v``, residual adds) are invisible to thop's hooks
@@ -52,8 +55,10 @@ from torch import Tensor, nn
 
 from .convert import LUTConfig, LUTConfigError, _candidates, convert
 from .layers import LUTBase
+from .maddness import MaddnessLinear
 
 FP32_BYTES = 4
+TABLE_LAYERS = (LUTBase, MaddnessLinear)
 
 
 @dataclass
@@ -123,20 +128,32 @@ class ModelProfile:
 
 
 # -- thop rules ------------------------------------------------------------------------
-def _lut_rule(extra: dict[nn.Module, LayerCost]):
-    """thop hook for LUT layers: ``total_ops`` gets the MACs, ``extra`` the adds/compares."""
+def _lut_cost(m: LUTBase, n: int) -> LayerCost:
+    c, k, v, out = m.num_codebooks, m.num_prototypes, m.subvec_len, m.out_features
+    cost = LayerCost("", type(m).__name__)
+    if m.effective_mode() == "dense":
+        cost.macs = n * m.in_features * out
+    else:
+        cost.macs = n * c * k * v
+        cost.compares = n * c * (k - 1)
+        cost.adds = n * c * out
+        cost.code_bytes = n * c * math.ceil(math.log2(k)) / 8 if k > 1 else 0.0
+    return cost
 
-    def rule(m: LUTBase, inputs: tuple[Tensor, ...], y: Tensor) -> None:
+
+def _maddness_cost(m: MaddnessLinear, n: int) -> LayerCost:
+    """MADDness encodes with ``L`` threshold comparisons per codebook and no multiply."""
+    c, levels = m.num_codebooks, m.split_dims.shape[1]
+    return LayerCost("", type(m).__name__, compares=n * c * levels, adds=n * c * m.out_features,
+                     code_bytes=n * c * levels / 8)
+
+
+def _table_rule(extra: dict[nn.Module, LayerCost]):
+    """thop hook for table-lookup layers: ``total_ops`` gets the MACs, ``extra`` the full cost."""
+
+    def rule(m: nn.Module, inputs: tuple[Tensor, ...], y: Tensor) -> None:
         n = y.numel() // m.out_features
-        c, k, v, out = m.num_codebooks, m.num_prototypes, m.subvec_len, m.out_features
-        cost = LayerCost("", type(m).__name__)
-        if m.effective_mode() == "dense":
-            cost.macs = n * m.in_features * out
-        else:
-            cost.macs = n * c * k * v
-            cost.compares = n * c * (k - 1)
-            cost.adds = n * c * out
-            cost.code_bytes = n * c * math.ceil(math.log2(k)) / 8 if k > 1 else 0.0
+        cost = _lut_cost(m, n) if isinstance(m, LUTBase) else _maddness_cost(m, n)
         extra[m] = cost
         m.total_ops += cost.macs
 
@@ -179,8 +196,18 @@ def thop_macs(model: nn.Module, inputs: tuple[Tensor, ...]) -> int:
 
 
 # -- sizes -----------------------------------------------------------------------------
-def lut_layer_bytes(layer: LUTBase) -> tuple[int, int]:
-    """``(fp32, int8)`` inference bytes of a LUT layer (formula in the module docstring)."""
+def table_layer_bytes(layer: LUTBase | MaddnessLinear) -> tuple[int, int]:
+    """``(fp32, int8)`` inference bytes of a LUT layer (formula in the module docstring).
+
+    A :class:`~lutnn.maddness.MaddnessLinear` stores ``C*(2**L - 1)`` fp32 thresholds and
+    ``C*L`` one-byte split dimensions in place of the prototypes.
+    """
+    if isinstance(layer, MaddnessLinear):
+        c, levels, m = layer.num_codebooks, layer.split_dims.shape[1], layer.out_features
+        encoder = FP32_BYTES * c * (2 ** levels - 1) + c * levels
+        table = c * layer.num_prototypes * m
+        bias = FP32_BYTES * m if layer.bias is not None else 0
+        return encoder + FP32_BYTES * table + bias, encoder + table + FP32_BYTES * m + bias
     c, k, v, m = layer.num_codebooks, layer.num_prototypes, layer.subvec_len, layer.out_features
     bias = m if layer.bias_or_none() is not None else 0
     fp32 = FP32_BYTES * (c * k * v + c * k * m + bias)
@@ -217,9 +244,9 @@ def profile(
         param = next(model.parameters(), None)
         inputs = torch.zeros(batch_size, *input_size, device=param.device if param is not None else None)
     inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-    lut_types = {type(m) for m in model.modules() if isinstance(m, LUTBase)}
+    lut_types = {type(m) for m in model.modules() if isinstance(m, TABLE_LAYERS)}
     extra: dict[nn.Module, LayerCost] = {}
-    ops = _thop_ops(model, inputs, {t: _lut_rule(extra) for t in lut_types})
+    ops = _thop_ops(model, inputs, {t: _table_rule(extra) for t in lut_types})
 
     result = ModelProfile(name, tuple(inputs[0].shape))
     other = 0
@@ -228,9 +255,9 @@ def profile(
         if not is_leaf:
             other += _dense_bytes(_own_tensors(module))
             continue
-        if isinstance(module, LUTBase):
+        if isinstance(module, TABLE_LAYERS):
             cost = extra.get(module, LayerCost("", type(module).__name__))
-            cost.bytes_fp32, cost.bytes_int8 = lut_layer_bytes(module)
+            cost.bytes_fp32, cost.bytes_int8 = table_layer_bytes(module)
         else:
             cost = LayerCost("", type(module).__name__, macs=int(ops.get(qual, 0)))
             cost.bytes_fp32 = cost.bytes_int8 = _dense_bytes(_own_tensors(module))

@@ -37,7 +37,18 @@ def test_lut_conv_rule_hand_computed():
 def test_int8_size_follows_the_quantized_granularity():
     layer = LUTLinear(32, 10, subvec_len=8, bias=False)
     layer.quantize_tables("codebook")  # one scale per codebook instead of per output
-    assert P.lut_layer_bytes(layer) == (4 * (512 + 640), 4 * (512 + 4) + 640)
+    assert P.table_layer_bytes(layer) == (4 * (512 + 640), 4 * (512 + 4) + 640)
+
+
+def test_maddness_layer_counts_compares_and_adds_but_no_multiplies():
+    from lutnn.maddness import MaddnessLinear
+
+    torch.manual_seed(0)
+    layer = MaddnessLinear.fit(torch.randn(200, 32), torch.randn(10, 32), torch.randn(10), subvec_len=8)
+    c = _cost(P.profile(nn.Sequential(layer), torch.randn(15, 32)), "0")  # C=4, L=4, K=16, M=10, N=15
+    assert (c.macs, c.compares, c.adds) == (0, 15 * 4 * 4, 15 * 4 * 10)
+    assert c.bytes_fp32 == 4 * 4 * 15 + 4 * 4 + 4 * (4 * 16 * 10) + 4 * 10
+    assert c.bytes_int8 == 4 * 4 * 15 + 4 * 4 + 4 * 16 * 10 + 4 * 10 + 4 * 10
 
 
 def test_dense_mode_lut_layer_counts_like_the_dense_layer():
@@ -82,7 +93,7 @@ def test_lut_size_replaces_weights_by_prototypes_and_tables():
     dense_bytes = P.profile(model, torch.zeros(1, 3, 8, 8)).bytes_fp32
     expected = dense_bytes
     for layer, dense_layer in ((lut[0], model[0]), (lut[3], model[3]), (lut[7], model[7])):
-        expected += P.lut_layer_bytes(layer)[0] - 4 * sum(p.numel() for p in dense_layer.parameters())
+        expected += P.table_layer_bytes(layer)[0] - 4 * sum(p.numel() for p in dense_layer.parameters())
     assert P.profile(lut.eval(), torch.zeros(1, 3, 8, 8)).bytes_fp32 == expected
 
 
