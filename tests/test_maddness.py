@@ -7,7 +7,7 @@ import torch
 
 from lutnn.layers import functional as LF
 from lutnn.maddness import (
-    HashTrees, MaddnessLinear, _optimal_split, compare_encoders, digits_activations, learn_hash_tree,
+    DigitsMLP, HashTrees, MaddnessLinear, _optimal_split, compare_encoders, digits_accuracy, learn_hash_tree,
 )
 
 
@@ -72,11 +72,21 @@ def test_input_errors():
         layer(torch.randn(3, 6))
 
 
-def test_between_random_and_kmeans_on_digits_activations():
-    rows, weights = digits_activations(seed=0)
-    fit_rows, eval_rows = rows["fc2"]
-    err = compare_encoders(fit_rows, eval_rows, weights["fc2"], subvec_len=8)
+@pytest.fixture(scope="module")
+def digits() -> DigitsMLP:
+    return DigitsMLP.train(seed=0)
+
+
+def test_between_random_and_kmeans_on_digits_activations(digits):
+    x = digits.layer_rows()["2"]  # input of the 128 -> 64 layer
+    err = compare_encoders(x[digits.fit], x[digits.held], digits.mlp[2].weight, subvec_len=8)
     maddness, kmeans = err["MADDness (bucket means)"], err["k-means (argmin, LUT-NN init)"]
     assert kmeans < maddness < err["random prototypes (argmin)"]
     assert maddness < 0.7 * err["random hash trees + bucket means"]
     assert err["MADDness + ridge 1"] < maddness
+
+
+def test_replacing_every_layer_keeps_most_accuracy(digits):
+    acc = digits_accuracy(digits, subvec_len=8)
+    assert acc["dense"] > 0.9
+    assert acc["dense"] >= acc["k-means LUT"] >= acc["MADDness"] > 0.7  # chance is 0.1
