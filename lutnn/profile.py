@@ -46,9 +46,10 @@ import copy
 import math
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -153,9 +154,12 @@ def _table_rule(extra: dict[nn.Module, LayerCost]):
 
     def rule(m: nn.Module, inputs: tuple[Tensor, ...], y: Tensor) -> None:
         n = y.numel() // m.out_features
-        cost = _lut_cost(m, n) if isinstance(m, LUTBase) else _maddness_cost(m, n)
-        extra[m] = cost
-        m.total_ops += cost.macs
+        call = _lut_cost(m, n) if isinstance(m, LUTBase) else _maddness_cost(m, n)
+        m.total_ops += call.macs
+        if m in extra:  # a module called more than once per forward
+            for key in ("macs", "adds", "compares", "code_bytes"):
+                setattr(call, key, getattr(call, key) + getattr(extra[m], key))
+        extra[m] = call
 
     return rule
 
@@ -169,29 +173,26 @@ def _flatten(info: dict[str, tuple], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def _thop_ops(model: nn.Module, inputs: tuple[Tensor, ...], custom_ops: dict) -> dict[str, float]:
+@contextmanager
+def _thop(model: nn.Module) -> Iterator[Callable]:
+    """thop's ``profile``, and afterwards no trace of it on ``model``: thop 0.1.1 removes its
+    ``total_ops``/``total_params`` buffers from hooked modules only, leaking them into
+    every other module's ``state_dict``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # thop imports distutils
         from thop import profile as thop_profile
     try:
-        _total, _params, info = thop_profile(model, inputs, custom_ops=custom_ops, verbose=False, ret_layer_info=True)
+        yield thop_profile
     finally:
-        # thop 0.1.1 only removes its buffers from hooked modules; drop the rest too.
         for m in model.modules():
             m._buffers.pop("total_ops", None)
             m._buffers.pop("total_params", None)
-    return _flatten(info)
 
 
 def thop_macs(model: nn.Module, inputs: tuple[Tensor, ...]) -> int:
     """thop's own total for ``model`` (no LUT rules): the reference for dense models."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from thop import profile as thop_profile
-    total, _ = thop_profile(model, inputs, verbose=False)
-    for m in model.modules():
-        m._buffers.pop("total_ops", None)
-        m._buffers.pop("total_params", None)
+    with _thop(model) as thop_profile:
+        total, _ = thop_profile(model, inputs, verbose=False)
     return int(total)
 
 
@@ -246,7 +247,10 @@ def profile(
     inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
     lut_types = {type(m) for m in model.modules() if isinstance(m, TABLE_LAYERS)}
     extra: dict[nn.Module, LayerCost] = {}
-    ops = _thop_ops(model, inputs, {t: _table_rule(extra) for t in lut_types})
+    with _thop(model) as thop_profile:
+        _, _, info = thop_profile(model, inputs, custom_ops={t: _table_rule(extra) for t in lut_types},
+                                  verbose=False, ret_layer_info=True)
+    ops = _flatten(info)
 
     result = ModelProfile(name, tuple(inputs[0].shape))
     other = 0

@@ -25,6 +25,21 @@ def test_lut_linear_rule_hand_computed():
     assert c.code_bytes == 15 * 4 * 4 / 8  # 4-bit codes
 
 
+def test_layer_called_twice_counts_twice():
+    layer = LUTLinear(32, 32, subvec_len=8)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = layer
+
+        def forward(self, x):
+            return self.fc(self.fc(x))
+
+    c = _cost(P.profile(Twice().eval(), torch.randn(15, 32)), "fc")
+    assert (c.macs, c.compares, c.adds) == (2 * 15 * 4 * 16 * 8, 2 * 15 * 4 * 15, 2 * 15 * 4 * 32)
+
+
 def test_lut_conv_rule_hand_computed():
     # D = 3*3*3 = 27, V = kh*kw = 9 -> C=3, K=16, M=4; [2, 3, 8, 8] with padding 1 -> N = 2*8*8
     net = nn.Sequential(LUTConv2d(3, 4, 3, padding=1)).eval()
