@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -103,6 +104,7 @@ class LatencyRow:
     median_ms: float
     speedup: float  # eager median / this median, same model
     max_abs_diff: float  # against the eager output
+    error: str = ""  # why compilation failed (the other numbers are then nan)
 
 
 def benchmark(
@@ -121,9 +123,14 @@ def benchmark(
             ref = model(example)
         eager = median_latency_ms(model, example, warmup, repeats)
         rows.append(LatencyRow(name, "eager", eager, 1.0, 0.0))
-        compiled = compile_tensorrt(model, example, min_block_size, torch_executed_ops)
-        with torch.inference_mode():
-            diff = float((compiled(example).float() - ref.float()).abs().max())
+        try:
+            compiled = compile_tensorrt(model, example, min_block_size, torch_executed_ops)
+            with torch.inference_mode():
+                diff = float((compiled(example).float() - ref.float()).abs().max())
+        except Exception as err:  # report and go on with the next model
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            rows.append(LatencyRow(name, "tensorrt", math.nan, math.nan, math.nan, f"{type(err).__name__}: {first}"))
+            continue
         ms = median_latency_ms(compiled, example, warmup, repeats)
         rows.append(LatencyRow(name, "tensorrt", ms, eager / ms, diff))
     return rows
@@ -135,7 +142,9 @@ def latency_markdown(rows: Sequence[LatencyRow], device: str = "", note: str = "
         "|---|---|---:|---:|---:|",
     ]
     lines += [
-        f"| {r.model} | {r.backend} | {r.median_ms:.3f} | {r.speedup:.2f}x | {r.max_abs_diff:.2e} |" for r in rows
+        f"| {r.model} | {r.backend} | {r.median_ms:.3f} | {r.speedup:.2f}x | {r.max_abs_diff:.2e} |" if not r.error
+        else f"| {r.model} | {r.backend} | failed: {r.error} | | |"
+        for r in rows
     ]
     if device or note:
         lines.append("\n" + " ".join(s for s in (device, note) if s))

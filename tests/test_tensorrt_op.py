@@ -74,6 +74,18 @@ def test_benchmark_compiles_with_the_dynamo_front_end(monkeypatch):
     assert table.count("| lut |") == 2 and "speedup vs eager" in table and "Device: cpu." in table
 
 
+def test_a_failed_compile_is_a_row_not_a_crash(monkeypatch):
+    class Broken(FakeTensorRT):
+        def compile(self, model, **kwargs):
+            raise RuntimeError("Conversion of aten.embedding_bag failed\nlong trace")
+
+    monkeypatch.setattr(trt, "require_tensorrt", lambda: Broken())
+    rows = trt.benchmark({"m": torch.nn.Linear(4, 2)}, torch.randn(3, 4), warmup=0, repeats=1)
+    assert rows[1].error == "RuntimeError: Conversion of aten.embedding_bag failed"
+    assert "| m | tensorrt | failed: RuntimeError: Conversion of aten.embedding_bag failed | | |" in \
+        trt.latency_markdown(rows)
+
+
 def test_median_latency_is_the_median_of_real_calls():
     calls = []
 
