@@ -4,12 +4,14 @@ from .convert import ConversionReport, LUTConfig, LUTConfigError, convert, conve
 from .io import PrototypeFileError, load_prototypes, save_prototypes
 from .kmeans import available_backends, kmeans
 from .layers import LUTBase, LUTConv2d, LUTLinear, QuantizedTable
+from .maddness import MaddnessLinear
+from .profile import ModelProfile, profile_pair
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConversionReport", "InitReport", "LUTBase", "LUTConfig", "LUTConfigError", "LUTConv2d", "LUTLinear",
-    "PrototypeFileError", "QuantizedTable", "available_backends", "capture_rows", "convert", "convert_",
-    "init_prototypes", "kmeans", "load_prototypes", "lut_layers", "reconstruction_error", "save_prototypes",
-    "set_mode",
+    "MaddnessLinear", "ModelProfile", "PrototypeFileError", "QuantizedTable", "available_backends",
+    "capture_rows", "convert", "convert_", "init_prototypes", "kmeans", "load_prototypes", "lut_layers",
+    "profile_pair", "reconstruction_error", "save_prototypes", "set_mode",
 ]

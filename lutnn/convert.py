@@ -153,7 +153,7 @@ def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _candidates(model: nn.Module, config: LUTConfig) -> dict[str, tuple[str, nn.Module]]:
+def convertible_layers(model: nn.Module, config: LUTConfig) -> dict[str, tuple[str, nn.Module]]:
     """Layers of the selected dense types, by qualified name."""
     owned_by_mha = {
         f"{name}.{child}" if name else child
@@ -183,7 +183,7 @@ def convert_(model: nn.Module, config: LUTConfig | Mapping[str, Any] | None = No
         config = LUTConfig()
     elif isinstance(config, Mapping):
         config = LUTConfig.from_dict(config)
-    candidates = _candidates(model, config)
+    candidates = convertible_layers(model, config)
     names = list(candidates)
     _check_patterns(config.include, names, "include")
     _check_patterns(config.exclude, names, "exclude")

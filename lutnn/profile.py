@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .convert import LUTConfig, LUTConfigError, _candidates, convert
+from .convert import LUTConfig, LUTConfigError, convert, convertible_layers
 from .layers import LUTBase
 from .maddness import MaddnessLinear
 
@@ -319,7 +319,7 @@ def ends_to_keep_dense(model: nn.Module, config: LUTConfig | None = None) -> lis
     for key in ("first_conv", "classifier"):
         value = cfg.get(key)
         names += [value] if isinstance(value, str) else list(value or ())
-    convertible = _candidates(model, config or LUTConfig())
+    convertible = convertible_layers(model, config or LUTConfig())
     return [n for n in names if n in convertible]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, TypeVar
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 T = TypeVar("T")
 
