@@ -1,0 +1,216 @@
+"""The research pipeline as resumable stages over one run directory.
+
+``teacher`` (train or load the dense model) -> ``prototypes`` (calibrate + k-means) ->
+``train`` (convert, load prototypes, retrain with optional distillation) -> ``eval``
+(top-1/top-5 of all three models). A stage whose output already exists is skipped, so
+re-running a crashed command continues where it stopped; training resumes from
+``checkpoints/last.pt``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .calibrate import capture_rows, init_prototypes, init_report_markdown
+from .config import ConfigError, RunConfig, config_diff, load_config, save_config
+from .convert import convert, lut_layers
+from .data import Splits, build_splits, input_size, make_loader, set_epoch
+from .evaluate import Accuracy, evaluate, plot_history, results_markdown, write_results
+from .io import load_prototypes, save_prototypes
+from .runs import RunPaths, build_lut, build_teacher
+from .train import FitPaths, fit, init_distributed, load_checkpoint, seed_everything
+from .train.distributed import DistEnv
+
+STAGES = ("teacher", "prototypes", "train", "eval")
+
+
+class RunError(RuntimeError):
+    """The run directory is in a state the requested stage cannot proceed from."""
+
+
+class Pipeline:
+    """Stages of one run; ``env`` is the (possibly multi-process) execution context."""
+
+    def __init__(self, cfg: RunConfig, env: DistEnv | None = None) -> None:
+        self.cfg = cfg
+        self.env = env or init_distributed(cfg.device)
+        self.paths = RunPaths(Path(cfg.output_dir))
+        self._splits: Splits | None = None
+
+    # -- helpers -----------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.env.is_main:
+            print(msg, flush=True)
+
+    @property
+    def splits(self) -> Splits:
+        if self._splits is None:
+            self._splits = build_splits(self.cfg.data)
+        return self._splits
+
+    def loader(self, train: bool):
+        ds = self.splits.train if train else self.splits.eval
+        return make_loader(ds, self.cfg.data, train, self.cfg.seed, self.env.rank, self.env.world)
+
+    def teacher(self) -> torch.nn.Module:
+        if not self.paths.teacher.is_file():
+            raise RunError(f"{self.paths.teacher}: no teacher yet (run prototype_learning.py or pipeline.py first)")
+        return build_teacher(self.cfg, self.splits.num_classes, self.paths.teacher).to(self.env.device).eval()
+
+    def prepare(self) -> None:
+        """Create the run dir and save the resolved config; refuse to mix two configs in one dir."""
+        if self.paths.config.is_file():
+            old = load_config(self.paths.config, check_model=False)
+            diff = config_diff(old, self.cfg)
+            if diff:
+                raise RunError(
+                    f"{self.paths.root}: run dir was made with a different config (keys {', '.join(diff)}); "
+                    "use a new output_dir (--set output_dir=...) or delete the run dir"
+                )
+        if self.env.is_main:
+            save_config(self.cfg, self.paths.config)
+        self.env.barrier()
+
+    # -- stages ------------------------------------------------------------------------
+    def stage_teacher(self, resume: bool = True) -> None:
+        if self.paths.teacher.is_file():
+            self.log(f"[teacher] {self.paths.teacher} exists, skipping")
+            return
+        seed_everything(self.cfg.seed)
+        t = self.cfg.teacher
+        weights = Path(t.checkpoint) if t.checkpoint is not None else None
+        model = build_teacher(self.cfg, self.splits.num_classes, weights).to(self.env.device)
+        if weights is not None:
+            self.log(f"[teacher] loaded {weights}")
+        else:
+            fit(model, self.loader(True), self.loader(False), t,
+                FitPaths(self.paths.teacher_last, history=self.paths.history("teacher"),
+                         tensorboard=self._tb()),
+                self.env, stage="teacher", seed=self.cfg.seed, log_every=self.cfg.log.every_steps, resume=resume)
+        if self.env.is_main:
+            tmp = self.paths.teacher.with_suffix(".tmp")
+            torch.save({"model": model.state_dict()}, tmp)
+            os.replace(tmp, self.paths.teacher)
+        self.env.barrier()
+
+    def stage_prototypes(self) -> None:
+        if self.paths.prototypes.is_file():
+            self.log(f"[prototypes] {self.paths.prototypes} exists, skipping")
+            return
+        if self.env.is_main:
+            init = self.cfg.init
+            model, conversion = convert(self.teacher(), self.cfg.lut_config())
+            loader = self.loader(True)
+            set_epoch(loader, 0, self.cfg.seed)
+            rows = capture_rows(model, loader, init.max_rows, min(init.num_batches, len(loader)),
+                                self.cfg.seed, self.env.device)
+            reports = init_prototypes(model, rows, init.backend, init.niter, self.cfg.seed)
+            save_prototypes(model, self.paths.prototypes)
+            self.paths.init_report_json.write_text(json.dumps([asdict(r) for r in reports], indent=1) + "\n")
+            self.paths.init_report_md.write_text(
+                "# Conversion\n\n" + conversion.to_markdown() + "\n\n# k-means initialisation "
+                "(relative output error on calibration rows, before retraining)\n\n"
+                + init_report_markdown(reports) + "\n"
+            )
+            mean_err = sum(r.error_kmeans for r in reports) / len(reports)
+            self.log(f"[prototypes] {len(reports)} layers, mean relative error {mean_err:.4f} "
+                     f"-> {self.paths.prototypes}, {self.paths.init_report_md}")
+        self.env.barrier()
+
+    def stage_train(self, resume: bool) -> None:
+        last = self.paths.last
+        if last.is_file():
+            if not resume:
+                raise RunError(f"{last} exists: pass --resume to continue that run, or use a new output_dir")
+            if load_checkpoint(last)["epoch"] >= self.cfg.train.epochs:
+                self.log(f"[train] {last} has finished all {self.cfg.train.epochs} epochs, skipping")
+                return
+        if not self.paths.prototypes.is_file():
+            raise RunError(f"{self.paths.prototypes}: no prototypes yet (run prototype_learning.py first)")
+        seed_everything(self.cfg.seed)
+        teacher = self.teacher()
+        model = build_lut(self.cfg, teacher)
+        load_prototypes(model, self.paths.prototypes)
+        use_kd = self.cfg.distill.enabled
+        fit(model, self.loader(True), self.loader(False), self.cfg.train,
+            FitPaths(last, self.paths.best, self.paths.history("lut"), self._tb()),
+            self.env, stage="lut", seed=self.cfg.seed, teacher=teacher if use_kd else None,
+            distill=self.cfg.distill, log_every=self.cfg.log.every_steps, resume=resume)
+
+    def stage_eval(self) -> dict[str, Accuracy]:
+        p = self.paths
+        if p.results_json.is_file() and p.best.is_file() and p.results_json.stat().st_mtime >= p.best.stat().st_mtime:
+            self.log(f"[eval] {p.results_json} is up to date, skipping")
+            return {k: Accuracy(**v) for k, v in json.loads(p.results_json.read_text()).items() if k != "meta"}
+        if not p.best.is_file():
+            raise RunError(f"{p.best}: no retrained checkpoint yet (run train.py first)")
+        loader, dev = self.loader(False), self.env.device
+        teacher = self.teacher()
+        init_model = build_lut(self.cfg, teacher)
+        load_prototypes(init_model, p.prototypes)
+        retrained = build_lut(self.cfg, teacher)
+        retrained.load_state_dict(load_checkpoint(p.best)["model"])
+        results = {
+            "teacher": evaluate(teacher, loader, dev, self.env, desc="eval teacher"),
+            "kmeans_init": evaluate(init_model.to(dev), loader, dev, self.env, desc="eval k-means init"),
+            "retrained": evaluate(retrained.to(dev), loader, dev, self.env, desc="eval retrained"),
+        }
+        if self.env.is_main:
+            meta = {
+                "dataset": f"{self.cfg.data.name} (eval split, {results['teacher'].count} images)",
+                "model": f"{self.cfg.model.source}:{self.cfg.model.name} {self.cfg.model.kwargs}",
+                "input_size": list(input_size(self.cfg.data)),
+                "lut_layers": len(lut_layers(retrained)),
+                "checkpoint": "best (highest validation top-1 during retraining)",
+                "distillation": self.cfg.distill.enabled,
+                "inference": "model.eval(), LUT mode auto -> hard codes + tables",
+            }
+            write_results(p.root, results, meta)
+            if self.cfg.log.plot:
+                plot_history({s: _read_json(p.history(s)) for s in ("teacher", "lut")}, p.curves)
+            self.log(results_markdown(results, {}).strip())
+        self.env.barrier()
+        return results
+
+    def run(self, stages: Sequence[str] = STAGES, resume: bool = True) -> dict[str, Accuracy] | None:
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise RunError(f"unknown stages {unknown}; known: {list(STAGES)}")
+        self.prepare()
+        results = None
+        for stage in STAGES:
+            if stage not in stages:
+                continue
+            start = time.perf_counter()
+            if stage == "teacher":
+                self.stage_teacher()
+            elif stage == "prototypes":
+                self.stage_prototypes()
+            elif stage == "train":
+                self.stage_train(resume)
+            else:
+                results = self.stage_eval()
+            self.log(f"[{stage}] done in {time.perf_counter() - start:.1f}s")
+        return results
+
+    def _tb(self) -> Path | None:
+        return self.paths.tensorboard if self.cfg.log.tensorboard else None
+
+
+def _read_json(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def run_from_config(path: str | Path, overrides: Sequence[str] = (), stages: Sequence[str] = STAGES,
+                    resume: bool = True) -> dict[str, Accuracy] | None:
+    cfg = load_config(path, overrides)
+    return Pipeline(cfg).run(stages, resume)
+
+
+__all__ = ["ConfigError", "Pipeline", "RunError", "STAGES", "run_from_config"]

@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Calibrate and k-means-initialise the prototypes of every selected layer.
+
+Trains (or loads, with teacher.checkpoint) the dense teacher if the run dir has none, then
+captures input rows from init.num_batches training batches, runs k-means per codebook and
+writes <output_dir>/prototypes.safetensors and init_report.{md,json}.
+"""
+import sys
+
+from lutnn.cli import parser, run_stages
+
+if __name__ == "__main__":
+    sys.exit(run_stages(parser(__doc__).parse_args(), ["teacher", "prototypes"], resume=True))
