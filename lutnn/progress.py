@@ -11,5 +11,5 @@ T = TypeVar("T")
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, **kwargs) -> Iterable[T]:
     """tqdm bar, silenced by ``LUTNN_NO_PROGRESS=1`` (CI logs, worker processes)."""
-    disable = os.environ.get("LUTNN_NO_PROGRESS") == "1" or kwargs.pop("disable", False)
+    disable = kwargs.pop("disable", False) or os.environ.get("LUTNN_NO_PROGRESS") == "1"
     return tqdm(iterable, desc=desc, total=total, dynamic_ncols=True, leave=False, disable=disable, **kwargs)
