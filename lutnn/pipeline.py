@@ -123,14 +123,15 @@ class Pipeline:
                      f"-> {self.paths.prototypes}, {self.paths.init_report_md}")
         self.env.barrier()
 
-    def stage_train(self, resume: bool) -> None:
+    def stage_train(self, resume: bool) -> torch.nn.Module | None:
+        """Retrain the LUT model; returns it (this rank's replica), or None when already finished."""
         last = self.paths.last
         if last.is_file():
             if not resume:
                 raise RunError(f"{last} exists: pass --resume to continue that run, or use a new output_dir")
             if load_checkpoint(last)["epoch"] >= self.cfg.train.epochs:
                 self.log(f"[train] {last} has finished all {self.cfg.train.epochs} epochs, skipping")
-                return
+                return None
         if not self.paths.prototypes.is_file():
             raise RunError(f"{self.paths.prototypes}: no prototypes yet (run prototype_learning.py first)")
         seed_everything(self.cfg.seed)
@@ -142,6 +143,7 @@ class Pipeline:
             FitPaths(last, self.paths.best, self.paths.history("lut"), self._tb()),
             self.env, stage="lut", seed=self.cfg.seed, teacher=teacher if use_kd else None,
             distill=self.cfg.distill, log_every=self.cfg.log.every_steps, resume=resume)
+        return model
 
     def stage_eval(self) -> dict[str, Accuracy]:
         p = self.paths
