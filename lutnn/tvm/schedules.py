@@ -1,0 +1,211 @@
+"""Hand schedules of the LUT kernels, parametrised by a few knobs, plus a generic CPU
+schedule for the rest of a compiled model.
+
+Read-accumulate: a ``rows x cols`` tile of ``y`` lives in vector registers while the
+loop over codebooks ``c`` reads table rows ``T[c, code, m-tile]`` (contiguous in ``m``);
+the outer loop runs over column tiles so one column slice of the table stays in cache
+for every row; column x row tiles are split across threads. ``knob_space`` lists the
+tile sizes tuning may choose from (:mod:`lutnn.tvm.tuning`).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.s_tir import Schedule, ScheduleError
+from tvm.target import Target
+
+from .kernels import EncodeSpec, KernelSpec, LookupSpec, kernel_func
+from .target import simd_bytes
+
+ROW_CHOICES = (1, 2, 4, 6, 8)
+VECTORS_PER_TILE = (1, 2, 3, 4, 6, 8)
+C_TILE_CHOICES = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    rows: int = 4  # lookup: output rows per register tile
+    cols: int = 32  # lookup: output columns per register tile
+    c_tile: int = 1  # encode: codebooks per parallel step
+
+
+def _lanes(m: int, dtype_bytes: int, target: Target) -> int:
+    """Largest power-of-two vector length (<= one register) dividing ``m``; 1 = scalar."""
+    lanes = simd_bytes(target) // dtype_bytes
+    while lanes > 1 and m % lanes:
+        lanes //= 2
+    return lanes
+
+
+def _acc_lanes(spec: LookupSpec, target: Target) -> int:
+    return _lanes(spec.m, 2 if spec.acc_dtype == "int16" else 4, target)
+
+
+def knob_space(spec: KernelSpec, target: Target) -> list[Knobs]:
+    if isinstance(spec, EncodeSpec):
+        return [Knobs(c_tile=t) for t in C_TILE_CHOICES if spec.c % t == 0]
+    lanes = _acc_lanes(spec, target)
+    cols = [lanes * v for v in VECTORS_PER_TILE if spec.m % (lanes * v) == 0] or [spec.m]
+    rows = [r for r in ROW_CHOICES if r <= spec.n]
+    return [Knobs(rows=r, cols=c) for r, c in itertools.product(rows, cols)]
+
+
+def default_knobs(spec: KernelSpec, target: Target) -> Knobs:
+    """~16 accumulator registers: 4 rows x 4 vectors when the shape allows."""
+    if isinstance(spec, EncodeSpec):
+        return Knobs()
+    lanes = _acc_lanes(spec, target)
+    space = knob_space(spec, target)
+    cols = max((k.cols for k in space if k.cols <= 4 * lanes), default=space[0].cols)
+    return Knobs(rows=min(4, spec.n), cols=cols)
+
+
+def _vectorize_inner(sch: Schedule, block, lanes: int, skip: int = 1) -> None:
+    """Fuse a block's loops below the first ``skip`` and vectorise ``lanes`` of them."""
+    loops = sch.get_loops(block)[skip:]
+    if lanes <= 1 or not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    _, inner = sch.split(fused, [None, lanes])
+    sch.vectorize(inner)
+
+
+def schedule_lookup(sch: Schedule, spec: LookupSpec, target: Target, knobs: Knobs) -> None:
+    lanes = _acc_lanes(spec, target)
+    acc = sch.get_sblock("acc")
+    n, m, c = sch.get_loops(acc)
+    n_o, n_i = sch.split(n, [None, knobs.rows])
+    m_o, m_i = sch.split(m, [None, knobs.cols])
+    m_v, m_l = sch.split(m_i, [None, lanes])
+    sch.reorder(m_o, n_o, c, n_i, m_v, m_l)
+    if spec.table_dtype == "float32":
+        # "global" scope on purpose: small constant-size global buffers become stack
+        # arrays (registers after LLVM's SROA); "local" ones become heap workspaces.
+        epilogue = sch.cache_write(acc, 0, "global")
+    else:
+        epilogue = sch.get_sblock("scale")
+    sch.reverse_compute_at(epilogue, n_o)
+    sch.parallel(sch.fuse(m_o, n_o))
+    sch.unroll(n_i)
+    sch.unroll(m_v)
+    if lanes > 1:
+        sch.vectorize(m_l)
+    _vectorize_inner(sch, epilogue, lanes)
+    init = sch.decompose_reduction(acc, c)
+    _vectorize_inner(sch, init, lanes)
+
+
+def schedule_encode(sch: Schedule, spec: EncodeSpec, target: Target, knobs: Knobs) -> None:
+    """Distances of one sub-vector to the K prototypes as a vector over ``k``, then argmin."""
+    lanes = _lanes(spec.k, 4, target)
+    am, dist = sch.get_sblock("argmin"), sch.get_sblock("dist")
+    n, c, _ = sch.get_loops(am)
+    c_o, c_i = sch.split(c, [None, knobs.c_tile])
+    sch.compute_at(dist, c_i)
+    *_, dk, dv = sch.get_loops(dist)
+    sch.reorder(dv, dk)
+    sch.parallel(sch.fuse(n, c_o))
+    sch.unroll(dv)
+    if lanes > 1:
+        sch.vectorize(dk)
+    sch.decompose_reduction(dist, dv)
+    sch.decompose_reduction(am, sch.get_loops(am)[-1])
+
+
+def scheduled(spec: KernelSpec, target: Target, knobs: Knobs | None = None) -> tirx.PrimFunc:
+    """The kernel scheduled with ``knobs`` (default: the untuned hand choice)."""
+    knobs = knobs or default_knobs(spec, target)
+    sch = Schedule(kernel_func(spec))
+    if isinstance(spec, LookupSpec):
+        schedule_lookup(sch, spec, target, knobs)
+    else:
+        schedule_encode(sch, spec, target, knobs)
+    return sch.mod["main"]
+
+
+# -- generic fallback for the non-LUT parts of a model ----------------------------------
+def schedule_generic(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
+    """Parallel + vectorised schedule for any CPU PrimFunc (dlight has no CPU matmul rule).
+
+    Matmul-like reductions (spatial ``..., i, j``, one reduction, two inputs) get a
+    register tile with the reduction between the tile loops, like the lookup kernel;
+    other blocks are split across threads and vectorised. A block that refuses a rule
+    tries the next one and keeps the default lowering if none applies.
+    """
+    sch = Schedule(func)
+    try:
+        names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    except (ScheduleError, ValueError):
+        return func
+    for name in names:
+        for rule in (_tile_matmul, _parallel_vectorize):
+            trial = sch.copy()
+            try:
+                if rule(trial, trial.get_sblock(name), target):
+                    sch = trial
+                    break
+            except (ScheduleError, ValueError):
+                continue
+    return sch.mod["main"]
+
+
+def _iter_types(sch: Schedule, block) -> list[int]:
+    return [int(iv.iter_type) for iv in sch.get(block).iter_vars]  # 0 spatial, 2 reduction
+
+
+def _extent(sch: Schedule, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _largest_divisor(n: int, choices) -> int:
+    return max(c for c in choices if n % c == 0)
+
+
+def _tile_matmul(sch: Schedule, block, target: Target) -> bool:
+    types, loops = _iter_types(sch, block), sch.get_loops(block)
+    if len(types) != len(loops) or types.count(2) != 1 or types.count(0) < 2 or len(sch.get(block).reads) < 2:
+        return False
+    if types.index(2) != len(types) - 1:
+        return False
+    *batch, i, j, k = loops
+    lanes = _lanes(_extent(sch, j), 4, target)
+    if lanes == 1:
+        return False
+    rows = _largest_divisor(_extent(sch, i), (1, 2, 4))
+    cols = lanes * _largest_divisor(_extent(sch, j) // lanes, (1, 2, 4))
+    i_o, i_i = sch.split(i, [None, rows])
+    j_o, j_i = sch.split(j, [None, cols])
+    j_v, j_l = sch.split(j_i, [None, lanes])
+    sch.reorder(*batch, i_o, j_o, k, i_i, j_v, j_l)
+    wb = sch.cache_write(block, 0, "global")
+    sch.reverse_compute_at(wb, j_o)
+    sch.parallel(sch.fuse(*batch, i_o, j_o))
+    sch.unroll(i_i)
+    sch.unroll(j_v)
+    sch.vectorize(j_l)
+    _vectorize_inner(sch, wb, lanes)
+    init = sch.decompose_reduction(block, k)
+    _vectorize_inner(sch, init, lanes)
+    return True
+
+
+def _parallel_vectorize(sch: Schedule, block, target: Target) -> bool:
+    types, loops = _iter_types(sch, block), sch.get_loops(block)
+    if len(types) != len(loops) or not loops:
+        return False
+    n_spatial = next((i for i, t in enumerate(types) if t != 0), len(types))
+    if n_spatial == 0:
+        return False
+    if n_spatial == len(loops):  # purely elementwise: vectorise the fused tail
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        lanes = _lanes(_extent(sch, fused), 4, target)
+        outer, inner = sch.split(fused, [None, lanes])
+        sch.parallel(outer)
+        if lanes > 1:
+            sch.vectorize(inner)
+        return True
+    outer = sch.fuse(*loops[:n_spatial]) if n_spatial > 1 else loops[0]
+    sch.parallel(outer)
+    return True

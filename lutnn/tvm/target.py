@@ -1,0 +1,30 @@
+"""The CPU target LUT kernels are built for: ``llvm -mcpu=<host>``."""
+from __future__ import annotations
+
+import os
+
+import tvm
+from tvm.target import Target, codegen
+
+
+def host_target(num_threads: int | None = None) -> Target:
+    """LLVM target for this machine's CPU (``mcpu`` from LLVM's host detection)."""
+    cores = num_threads or os.cpu_count() or 1
+    return Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": int(cores)})
+
+
+def simd_bytes(target: Target) -> int:
+    """Vector register width in bytes (64 with AVX-512, 32 with AVX2, else 16)."""
+    with target:
+        if codegen.llvm_cpu_has_features("avx512f", target):
+            return 64
+        if codegen.llvm_cpu_has_features("avx2", target):
+            return 32
+    return 16
+
+
+def set_num_threads(num_threads: int | None) -> None:
+    """Size TVM's runtime thread pool (``TVM_NUM_THREADS`` is read when the pool starts)."""
+    if num_threads:
+        os.environ["TVM_NUM_THREADS"] = str(num_threads)
+        tvm.get_global_func("runtime.config_threadpool")(0, num_threads)
