@@ -1,0 +1,174 @@
+"""Whole-model CPU compile of a (converted, retrained) model with TVM Relax.
+
+Route: ``torch.export`` -> ``relax.frontend.torch.from_exported_program`` -> compile.
+Before export every ``LUTLinear`` is swapped for a shim that calls one custom op,
+``lutnn::lut_rows(rows, protos_t, pnorm, table, scale, bias)``, so the exported graph
+keeps each LUT layer as a single node; ``custom_convert_map`` turns that node into two
+``call_tir``s of the LUT kernels (encode, read-accumulate), with the tuned knobs when
+the tuning database has them. Everything else is imported by the stock frontend,
+legalised to TIR, fused, and scheduled by :func:`schedules.schedule_generic`. The
+dense model goes through the identical pipeline (without shims) as a fair baseline.
+
+Shapes are static: a compiled model serves one batch size (pad the last batch).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import tvm
+from torch import Tensor, nn
+from tvm import relax
+from tvm.relax.frontend.torch import from_exported_program
+from tvm.target import Target
+
+from ..layers import LUTBase, LUTConv2d, LUTLinear
+from ..layers import functional as LF
+from .kernels import KERNEL_ATTR, EncodeSpec, KernelSpec, LookupSpec
+from .schedules import schedule_generic, scheduled
+from .tuning import TuningDatabase
+
+
+@torch.library.custom_op("lutnn::lut_rows", mutates_args=())
+def lut_rows(rows: Tensor, protos_t: Tensor, pnorm: Tensor, table: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """``[N, D] -> [N, M]`` LUT product; int8 ``table`` means ``y = scale * sum + bias``."""
+    codes = LF.encode(rows, protos_t.transpose(1, 2))
+    acc = LF.table_lookup(codes, table.to(rows.dtype))
+    return (acc * scale if table.dtype == torch.int8 else acc) + bias
+
+
+@lut_rows.register_fake
+def _(rows, protos_t, pnorm, table, scale, bias):
+    return rows.new_empty(rows.shape[0], table.shape[2])
+
+
+class _LUTLinearShim(nn.Module):
+    """What export sees instead of a ``LUTLinear``: one ``lutnn::lut_rows`` call."""
+
+    def __init__(self, layer: LUTLinear) -> None:
+        super().__init__()
+        p = layer.prototypes.detach()
+        q = layer.quantized_table
+        table, scale = (q.values, q.scale) if q is not None else (layer.table().detach(), torch.ones(layer.out_features))
+        bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+        self.out_features = layer.out_features
+        for name, t in (("protos_t", p.transpose(1, 2)), ("pnorm", p.pow(2).sum(-1)), ("table", table),
+                        ("scale", scale), ("bias", bias)):
+            self.register_buffer(name, t.detach().contiguous().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        y = torch.ops.lutnn.lut_rows(rows, self.protos_t, self.pnorm, self.table, self.scale, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with LUT layers replaced by export shims (tables frozen as they are now)."""
+    model = copy.deepcopy(model).eval()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LUTConv2d):
+            raise NotImplementedError(f"{name}: LUTConv2d is not supported by the TVM path yet (LUTLinear only)")
+        if isinstance(module, LUTLinear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, _LUTLinearShim(module))
+    return model
+
+
+@dataclass
+class _LUTConverter:
+    """``custom_convert_map`` entry: ``lutnn::lut_rows`` -> encode + read-accumulate ``call_tir``s."""
+
+    target: Target
+    db: TuningDatabase | None
+    kernels: dict[KernelSpec, tvm.ir.GlobalVar] = field(default_factory=dict)
+
+    def _gvar(self, importer, spec: KernelSpec) -> tvm.ir.GlobalVar:
+        if spec not in self.kernels:
+            func = scheduled(spec, self.target, self.db.knobs(spec, self.target) if self.db else None)
+            # already scheduled, never fused into neighbours (op_pattern 8 = kOpaque)
+            func = func.with_attrs({"global_symbol": spec.name, "op_pattern": 8})
+            self.kernels[spec] = importer.block_builder.add_func(func, spec.name)
+        return self.kernels[spec]
+
+    def __call__(self, node, importer) -> relax.Var:
+        rows, protos_t, pnorm, table, scale, bias = importer.retrieve_args(node)
+        n, d = (int(s) for s in rows.ty.shape)
+        c, v, k = (int(s) for s in protos_t.ty.shape)
+        m = int(table.ty.shape[2])
+        dtype = str(table.ty.dtype)
+        bb = importer.block_builder
+        enc = EncodeSpec(n, c, k, v)
+        codes = bb.emit(relax.call_tir(self._gvar(importer, enc), [rows, protos_t, pnorm],
+                                       relax.TensorType((n, c), "uint8")))
+        look = LookupSpec(n, c, k, m, dtype)
+        args = [codes, table, bias] if dtype == "float32" else [codes, table, scale, bias]
+        return bb.emit(relax.call_tir(self._gvar(importer, look), args, relax.TensorType((n, m), "float32")))
+
+
+def import_model(model: nn.Module, example: Tensor, target: Target, db: TuningDatabase | None = None,
+                 ) -> tuple[tvm.IRModule, list[KernelSpec]]:
+    """Relax module of ``model`` at ``example``'s (static) shape, plus the LUT kernel specs it calls."""
+    converter = _LUTConverter(target, db)
+    with torch.no_grad():
+        ep = torch.export.export(exportable(model), (example,))
+    mod = from_exported_program(ep, custom_convert_map={"lut_rows.default": converter})
+    return mod, list(converter.kernels)
+
+
+def lut_kernel_specs(model: nn.Module, example: Tensor) -> list[KernelSpec]:
+    """The kernel shapes a compiled ``model`` needs (to tune them before compiling)."""
+    _, specs = import_model(model, example, Target({"kind": "llvm"}))
+    return specs
+
+
+@tvm.transform.module_pass(opt_level=0, name="lutnn.ScheduleGeneric")
+def _schedule_rest(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Schedule every TIR function that is not a (pre-scheduled) LUT kernel."""
+    target = Target.current()
+    out = tvm.IRModule(mod.functions, mod.type_definitions if hasattr(mod, "type_definitions") else None)
+    for gv, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and (func.attrs is None or KERNEL_ATTR not in func.attrs):
+            out[gv] = schedule_generic(func, target)
+    return out
+
+
+def _pipeline(target: Target) -> tvm.transform.Pass:
+    cpu = relax.backend.cpu_generic.pipeline
+    return tvm.transform.Sequential(
+        cpu.library_dispatch_passes(target)
+        + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+           relax.transform.FuseOps(), relax.transform.FuseTIR(), _schedule_rest]
+        + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+    )
+
+
+class CompiledModel:
+    """A model compiled by TVM for one input shape; call it with a torch tensor."""
+
+    def __init__(self, mod: tvm.IRModule, target: Target, input_shape: tuple[int, ...],
+                 kernels: list[KernelSpec]) -> None:
+        self.input_shape, self.kernels, self.target = tuple(input_shape), kernels, target
+        with target:
+            self.executable = relax.build(mod, target=target, relax_pipeline=_pipeline(target))
+        self.device = tvm.cpu()
+        self.vm = relax.VirtualMachine(self.executable, self.device)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        out = self.vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), self.device))
+        while not hasattr(out, "numpy"):  # the torch importer returns a tuple of outputs
+            out = out[0]
+        return out.numpy()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if tuple(x.shape) != self.input_shape:
+            raise ValueError(f"compiled for input shape {self.input_shape}, got {tuple(x.shape)}")
+        return torch.from_numpy(self.run(x.detach().cpu().numpy()))
+
+
+def compile_model(model: nn.Module, example: Tensor, target: Target, db: TuningDatabase | None = None,
+                  ) -> CompiledModel:
+    """Compile ``model`` (LUT or dense) for CPU at ``example``'s shape."""
+    mod, kernels = import_model(model.eval(), example, target, db)
+    return CompiledModel(mod, target, tuple(example.shape), kernels)
