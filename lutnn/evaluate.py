@@ -75,8 +75,12 @@ def write_results(run_dir: Path, results: Mapping[str, Accuracy], meta: Mapping[
     return js, md
 
 
-def plot_history(histories: Mapping[str, list[dict]], path: Path) -> Path | None:
-    """Loss and validation top-1 per epoch for each stage (``teacher``, ``lut``) as a PNG."""
+def plot_history(histories: Mapping[str, list[dict]], path: Path,
+                 start_top1: Mapping[str, float] | None = None) -> Path | None:
+    """Loss and validation top-1 per epoch for each stage as a PNG.
+
+    ``start_top1`` adds an epoch-0 accuracy per stage (e.g. the k-means-init LUT model).
+    """
     if not any(histories.values()):
         return None
     import matplotlib
@@ -85,14 +89,19 @@ def plot_history(histories: Mapping[str, list[dict]], path: Path) -> Path | None
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for stage, rows in histories.items():
+    for i, (stage, rows) in enumerate(histories.items()):
         if not rows:
             continue
+        color = f"C{i}"
         epochs = [r["epoch"] for r in rows]
-        ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker=".", label=f"{stage} train")
-        ax_loss.plot(epochs, [r["val_loss"] for r in rows], linestyle="--", marker=".", label=f"{stage} val")
-        ax_acc.plot(epochs, [r["val_top1"] for r in rows], marker=".", label=f"{stage} val top-1")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+        ax_loss.plot(epochs, [r["train_loss"] for r in rows], color=color, marker=".", label=f"{stage} train")
+        ax_loss.plot(epochs, [r["val_loss"] for r in rows], color=color, linestyle="--", marker=".",
+                     label=f"{stage} val (CE)")
+        acc = [r["val_top1"] for r in rows]
+        if start_top1 and stage in start_top1:
+            epochs, acc = [0, *epochs], [start_top1[stage], *acc]
+        ax_acc.plot(epochs, acc, color=color, marker=".", label=f"{stage} val top-1")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (train includes the distillation term)")
     ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="validation accuracy (LUT: table-lookup inference)")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)

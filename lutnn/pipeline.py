@@ -175,7 +175,8 @@ class Pipeline:
             }
             write_results(p.root, results, meta)
             if self.cfg.log.plot:
-                plot_history({s: _read_json(p.history(s)) for s in ("teacher", "lut")}, p.curves)
+                plot_history({s: _read_json(p.history(s)) for s in ("teacher", "lut")}, p.curves,
+                             {"lut": results["kmeans_init"].top1})
             self.log(results_markdown(results, {}).strip())
         self.env.barrier()
         return results

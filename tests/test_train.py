@@ -157,3 +157,14 @@ def test_param_groups_separate_prototypes():
     assert len(groups["prototypes"]["params"]) == 2  # prototypes + log_tau
     assert groups["weights"]["weight_decay"] == 0.1 and len(groups["weights"]["params"]) == 1
     assert len(groups["weights_no_decay"]["params"]) == 3  # linear bias, norm weight and bias
+
+
+def test_teacher_from_checkpoint(base_run, tmp_path):
+    _, base, _ = base_run
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", tiny_config(
+        tmp_path / "run", teacher={"checkpoint": str(base / "teacher.pt"), "epochs": 0})))
+    Pipeline(cfg).run(["teacher"])
+    a = torch.load(base / "teacher.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "run/teacher.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "run/checkpoints/teacher_last.pt").exists()  # loaded, not trained
