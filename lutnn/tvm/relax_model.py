@@ -134,10 +134,33 @@ def _schedule_rest(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return out
 
 
+@relax.expr_functor.mutator
+class _FastGelu(relax.PyExprMutator):
+    """``nn.gelu`` as ``x/2 * (1 + fast_erf(x/sqrt 2))``: the stock lowering calls scalar
+    libm ``erff`` per element, which made GELU the slowest op of a small ViT."""
+
+    def visit_call_(self, call):
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.gelu":
+            return self.builder_.call_te(
+                lambda x: x * 0.5 * (1.0 + tvm.topi.fast_erf(x * 0.7071067811865476)), call.args[0],
+                primfunc_name_hint="fast_gelu")
+        return super().visit_call_(call)
+
+
+@tvm.transform.module_pass(opt_level=0, name="lutnn.FastGelu")
+def _fast_gelu(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    mutator = _FastGelu(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 def _pipeline(target: Target) -> tvm.transform.Pass:
     cpu = relax.backend.cpu_generic.pipeline
     return tvm.transform.Sequential(
-        cpu.library_dispatch_passes(target)
+        [_fast_gelu, relax.transform.FastMathTransform()]
+        + cpu.library_dispatch_passes(target)
         + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
            relax.transform.FuseOps(), relax.transform.FuseTIR(), _schedule_rest]
         + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)

@@ -171,10 +171,9 @@ def _tile_matmul(sch: Schedule, block, target: Target) -> bool:
         return False
     *batch, i, j, k = loops
     lanes = _lanes(_extent(sch, j), 4, target)
-    if lanes == 1:
-        return False
     rows = _largest_divisor(_extent(sch, i), (1, 2, 4))
-    cols = lanes * _largest_divisor(_extent(sch, j) // lanes, (1, 2, 4))
+    # j with no power-of-two factor (e.g. 17 tokens): one whole row per tile, LLVM vectorises it
+    cols = lanes * _largest_divisor(_extent(sch, j) // lanes, (1, 2, 4)) if lanes > 1 else _extent(sch, j)
     i_o, i_i = sch.split(i, [None, rows])
     j_o, j_i = sch.split(j, [None, cols])
     j_v, j_l = sch.split(j_i, [None, lanes])
@@ -183,8 +182,9 @@ def _tile_matmul(sch: Schedule, block, target: Target) -> bool:
     sch.reverse_compute_at(wb, j_o)
     sch.parallel(sch.fuse(*batch, i_o, j_o))
     sch.unroll(i_i)
-    sch.unroll(j_v)
-    sch.vectorize(j_l)
+    if lanes > 1:
+        sch.unroll(j_v)
+        sch.vectorize(j_l)
     _vectorize_inner(sch, wb, lanes)
     init = sch.decompose_reduction(block, k)
     _vectorize_inner(sch, init, lanes)
