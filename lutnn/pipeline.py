@@ -73,6 +73,7 @@ class Pipeline:
                     f"{self.paths.root}: run dir was made with a different config (keys {', '.join(diff)}); "
                     "use a new output_dir (--set output_dir=...) or delete the run dir"
                 )
+        self.env.barrier()  # every rank has checked before the file is (re)written
         if self.env.is_main:
             save_config(self.cfg, self.paths.config)
         self.env.barrier()
