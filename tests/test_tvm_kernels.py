@@ -110,3 +110,15 @@ def test_corrupt_database_names_the_file(tmp_path):
     (tmp_path / tuning.DB_FILE).write_text("{not json")
     with pytest.raises(ValueError, match=tuning.DB_FILE):
         TuningDatabase(tmp_path)
+
+
+def test_every_encode_layout_computes_the_same():
+    torch.manual_seed(4)
+    spec = EncodeSpec(32, 4, 16, 4)
+    p = torch.randn(4, 16, 4)
+    x = (p[torch.arange(4), torch.randint(0, 16, (32, 4))] + 0.1 * torch.randn(32, 4, 4)).reshape(32, 16)
+    space = knob_space(spec, TARGET)
+    assert {k.enc_rows > 0 for k in space} == {True, False}  # rows-in-lanes and k-in-lanes layouts
+    for knobs in space:
+        got = _run_encode(compile_kernel(scheduled(spec, TARGET, knobs), "e", TARGET), x, p)
+        assert torch.equal(got, LF.encode(x, p)), knobs

@@ -28,7 +28,8 @@ C_TILE_CHOICES = (1, 2, 4)
 class Knobs:
     rows: int = 4  # lookup: output rows per register tile
     cols: int = 32  # lookup: output columns per register tile
-    c_tile: int = 1  # encode: codebooks per parallel step
+    c_tile: int = 1  # encode, k-vectorised: codebooks per parallel step
+    enc_rows: int = 0  # encode: rows per vector (n-vectorised); 0 = vectorise over k instead
 
 
 def _lanes(m: int, dtype_bytes: int, target: Target) -> int:
@@ -45,7 +46,9 @@ def _acc_lanes(spec: LookupSpec, target: Target) -> int:
 
 def knob_space(spec: KernelSpec, target: Target) -> list[Knobs]:
     if isinstance(spec, EncodeSpec):
-        return [Knobs(c_tile=t) for t in C_TILE_CHOICES if spec.c % t == 0]
+        lanes = simd_bytes(target) // 4
+        by_rows = [Knobs(enc_rows=r) for r in (lanes, 2 * lanes) if spec.n % r == 0]
+        return by_rows + [Knobs(c_tile=t) for t in C_TILE_CHOICES if spec.c % t == 0]
     lanes = _acc_lanes(spec, target)
     cols = [lanes * v for v in VECTORS_PER_TILE if spec.m % (lanes * v) == 0] or [spec.m]
     rows = [r for r in ROW_CHOICES if r <= spec.n]
@@ -55,7 +58,7 @@ def knob_space(spec: KernelSpec, target: Target) -> list[Knobs]:
 def default_knobs(spec: KernelSpec, target: Target) -> Knobs:
     """~16 accumulator registers: 4 rows x 4 vectors when the shape allows."""
     if isinstance(spec, EncodeSpec):
-        return Knobs()
+        return knob_space(spec, target)[0]  # rows in vector lanes when N allows (2-3x faster)
     lanes = _acc_lanes(spec, target)
     space = knob_space(spec, target)
     cols = max((k.cols for k in space if k.cols <= 4 * lanes), default=space[0].cols)
@@ -98,7 +101,39 @@ def schedule_lookup(sch: Schedule, spec: LookupSpec, target: Target, knobs: Knob
 
 
 def schedule_encode(sch: Schedule, spec: EncodeSpec, target: Target, knobs: Knobs) -> None:
-    """Distances of one sub-vector to the K prototypes as a vector over ``k``, then argmin."""
+    if knobs.enc_rows:
+        _encode_rows_in_lanes(sch, knobs.enc_rows)
+    else:
+        _encode_k_in_lanes(sch, spec, target, knobs)
+
+
+def _encode_rows_in_lanes(sch: Schedule, rows: int) -> None:
+    """``rows`` sub-vectors side by side in vector lanes: per prototype ``k`` one vector of
+    distances, then a vector compare/select keeps the running argmin. The rows' sub-vectors
+    are first copied transposed (``[V, rows]``) so each lane-vector load is contiguous."""
+    am, dist = sch.get_sblock("argmin"), sch.get_sblock("dist")
+    n, c, k = sch.get_loops(am)
+    n_o, n_l = sch.split(n, [None, rows])
+    sch.reorder(n_o, c, k, n_l)
+    codes = sch.cache_write(am, 1, "global")  # write 1 = codes (0 is the running minimum)
+    sch.reverse_compute_at(codes, c)
+    sch.compute_at(dist, k)
+    x_t = sch.cache_read(dist, 1, "global")
+    sch.compute_at(x_t, c)
+    sch.transform_layout(x_t, ("write", 0), lambda i, j: (j, i))
+    *_, d_n, d_v = sch.get_loops(dist)
+    sch.reorder(d_v, d_n)
+    sch.vectorize(d_n)
+    sch.unroll(d_v)
+    sch.vectorize(sch.get_loops(am)[-1])
+    sch.parallel(n_o)
+    sch.decompose_reduction(dist, d_v)
+    sch.decompose_reduction(am, sch.get_loops(am)[2])
+
+
+def _encode_k_in_lanes(sch: Schedule, spec: EncodeSpec, target: Target, knobs: Knobs) -> None:
+    """Distances of one sub-vector to the K prototypes as a vector over ``k``, then a scalar argmin
+    (the fallback when N is not a multiple of the vector width)."""
     lanes = _lanes(spec.k, 4, target)
     am, dist = sch.get_sblock("argmin"), sch.get_sblock("dist")
     n, c, _ = sch.get_loops(am)
