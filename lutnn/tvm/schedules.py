@@ -200,11 +200,13 @@ def _largest_divisor(n: int, choices) -> int:
 
 def _tile_matmul(sch: Schedule, block, target: Target) -> bool:
     types, loops = _iter_types(sch, block), sch.get_loops(block)
-    if len(types) != len(loops) or types.count(2) != 1 or types.count(0) < 2 or len(sch.get(block).reads) < 2:
+    n_spatial = types.count(0)
+    if len(types) != len(loops) or n_spatial < 2 or n_spatial == len(types) or len(sch.get(block).reads) < 2:
         return False
-    if types.index(2) != len(types) - 1:
+    if any(t != 2 for t in types[n_spatial:]):  # spatial loops first, then only reductions
         return False
-    *batch, i, j, k = loops
+    *batch, i, j = loops[:n_spatial]
+    reds = loops[n_spatial:]
     lanes = _lanes(_extent(sch, j), 4, target)
     rows = _largest_divisor(_extent(sch, i), (1, 2, 4))
     # j with no power-of-two factor (e.g. 17 tokens): one whole row per tile, LLVM vectorises it
@@ -212,7 +214,7 @@ def _tile_matmul(sch: Schedule, block, target: Target) -> bool:
     i_o, i_i = sch.split(i, [None, rows])
     j_o, j_i = sch.split(j, [None, cols])
     j_v, j_l = sch.split(j_i, [None, lanes])
-    sch.reorder(*batch, i_o, j_o, k, i_i, j_v, j_l)
+    sch.reorder(*batch, i_o, j_o, *reds, i_i, j_v, j_l)
     wb = sch.cache_write(block, 0, "global")
     sch.reverse_compute_at(wb, j_o)
     sch.parallel(sch.fuse(*batch, i_o, j_o))
@@ -221,7 +223,7 @@ def _tile_matmul(sch: Schedule, block, target: Target) -> bool:
         sch.unroll(j_v)
         sch.vectorize(j_l)
     _vectorize_inner(sch, wb, lanes)
-    init = sch.decompose_reduction(block, k)
+    init = sch.decompose_reduction(block, reds[0])
     _vectorize_inner(sch, init, lanes)
     return True
 
