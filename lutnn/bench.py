@@ -107,7 +107,7 @@ def run(ns, ds, vs, k: int = 16, threads: int | None = None, tune_trials: int = 
 
     if threads:
         torch.set_num_threads(threads)
-        set_num_threads(threads)
+    set_num_threads(threads)
     target = host_target(threads)
     specs = [s for n in ns for d in ds for v in vs for s in (
         EncodeSpec(n, d // v, k, v), LookupSpec(n, d // v, k, d), LookupSpec(n, d // v, k, d, "int8"))]

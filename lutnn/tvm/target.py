@@ -24,7 +24,13 @@ def simd_bytes(target: Target) -> int:
 
 
 def set_num_threads(num_threads: int | None) -> None:
-    """Size TVM's runtime thread pool (``TVM_NUM_THREADS`` is read when the pool starts)."""
+    """Size TVM's runtime thread pool and stop its workers from spinning after a call.
+
+    Spinning workers would steal the cores from PyTorch's OpenMP threads when both run
+    in one process (the side-by-side comparisons): PyTorch at 2 threads became ~30x
+    slower on this 2-core machine. Call before the first TVM function runs.
+    """
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
     if num_threads:
         os.environ["TVM_NUM_THREADS"] = str(num_threads)
         tvm.get_global_func("runtime.config_threadpool")(0, num_threads)
