@@ -24,7 +24,7 @@ from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 from tvm.target import Target
 
-from ..layers import LUTBase, LUTConv2d, LUTLinear
+from ..layers import LUTConv2d, LUTLinear
 from ..layers import functional as LF
 from .kernels import KERNEL_ATTR, EncodeSpec, KernelSpec, LookupSpec
 from .schedules import schedule_generic, scheduled
@@ -51,7 +51,10 @@ class _LUTLinearShim(nn.Module):
         super().__init__()
         p = layer.prototypes.detach()
         q = layer.quantized_table
-        table, scale = (q.values, q.scale) if q is not None else (layer.table().detach(), torch.ones(layer.out_features))
+        if q is not None:
+            table, scale = q.values, q.scale
+        else:
+            table, scale = layer.table().detach(), torch.ones(layer.out_features)
         bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
         self.out_features = layer.out_features
         for name, t in (("protos_t", p.transpose(1, 2)), ("pnorm", p.pow(2).sum(-1)), ("table", table),

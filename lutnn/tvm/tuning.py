@@ -28,7 +28,7 @@ from tvm import IRModule, tirx
 from tvm.target import Target
 
 from ..progress import progress
-from .kernels import EncodeSpec, KernelSpec, LookupSpec
+from .kernels import EncodeSpec, KernelSpec
 from .schedules import Knobs, default_knobs, knob_space, scheduled
 
 log = logging.getLogger(__name__)
