@@ -72,15 +72,19 @@ def test_lookup_int8_matches_quantized_table(c):
     torch.testing.assert_close(got, q.lookup(codes, bias), rtol=1e-6, atol=1e-5)
 
 
-def test_every_tuning_knob_computes_the_same():
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_every_tuning_knob_computes_the_same(dtype):
     torch.manual_seed(3)
-    spec = LookupSpec(12, 4, 16, 48)
-    codes, table, bias = torch.randint(0, 16, (12, 4), dtype=torch.uint8), torch.randn(4, 16, 48), torch.randn(48)
-    ref = LF.table_lookup(codes, table, bias)
+    spec = LookupSpec(12, 40, 16, 48, dtype)
+    codes, bias = torch.randint(0, 16, (12, 40), dtype=torch.uint8), torch.randn(48)
+    q = QuantizedTable.from_table(torch.randn(40, 16, 48), "output")
+    table, scale = (q.dequantize(), None) if dtype == "float32" else (q.values, q.scale)
+    ref = q.lookup(codes, bias)
     space = knob_space(spec, TARGET)
-    assert len(space) > 4
-    for knobs in space[::3]:
-        got = _run_lookup(compile_kernel(scheduled(spec, TARGET, knobs), "k", TARGET), codes, table, bias)
+    sample = space[::7]
+    assert {k.c_block for k in sample} == {0, 16, 32}  # register-resident y and codebook-blocked variants
+    for knobs in sample:
+        got = _run_lookup(compile_kernel(scheduled(spec, TARGET, knobs), "k", TARGET), codes, table, bias, scale)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=str(knobs))
 
 

@@ -22,12 +22,16 @@ from .target import simd_bytes
 ROW_CHOICES = (1, 2, 4, 6, 8)
 VECTORS_PER_TILE = (1, 2, 3, 4, 6, 8)
 C_TILE_CHOICES = (1, 2, 4)
+C_BLOCK_CHOICES = (0, 16, 32)
+# Table slice (C x K x cols) above which the default blocks over codebooks (~L2 size).
+C_BLOCK_ABOVE_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
 class Knobs:
     rows: int = 4  # lookup: output rows per register tile
     cols: int = 32  # lookup: output columns per register tile
+    c_block: int = 0  # lookup: codebooks per pass over y (0 = all: y tile stays in registers)
     c_tile: int = 1  # encode, k-vectorised: codebooks per parallel step
     enc_rows: int = 0  # encode: rows per vector (n-vectorised); 0 = vectorise over k instead
 
@@ -52,7 +56,8 @@ def knob_space(spec: KernelSpec, target: Target) -> list[Knobs]:
     lanes = _acc_lanes(spec, target)
     cols = [lanes * v for v in VECTORS_PER_TILE if spec.m % (lanes * v) == 0] or [spec.m]
     rows = [r for r in ROW_CHOICES if r <= spec.n]
-    return [Knobs(rows=r, cols=c) for r, c in itertools.product(rows, cols)]
+    blocks = [b for b in C_BLOCK_CHOICES if b < spec.c]
+    return [Knobs(rows=r, cols=c, c_block=b) for r, c, b in itertools.product(rows, cols, blocks)]
 
 
 def default_knobs(spec: KernelSpec, target: Target) -> Knobs:
@@ -62,7 +67,9 @@ def default_knobs(spec: KernelSpec, target: Target) -> Knobs:
     lanes = _acc_lanes(spec, target)
     space = knob_space(spec, target)
     cols = max((k.cols for k in space if k.cols <= 4 * lanes), default=space[0].cols)
-    return Knobs(rows=min(4, spec.n), cols=cols)
+    slice_bytes = spec.c * spec.k * cols * (4 if spec.table_dtype == "float32" else 1)
+    c_block = 32 if slice_bytes > C_BLOCK_ABOVE_BYTES and spec.c > 32 else 0
+    return Knobs(rows=min(4, spec.n), cols=cols, c_block=c_block)
 
 
 def _vectorize_inner(sch: Schedule, block, lanes: int, skip: int = 1) -> None:
@@ -76,27 +83,40 @@ def _vectorize_inner(sch: Schedule, block, lanes: int, skip: int = 1) -> None:
 
 
 def schedule_lookup(sch: Schedule, spec: LookupSpec, target: Target, knobs: Knobs) -> None:
+    """``c_block = 0``: y tile in registers for the whole sum (table column slice in L2).
+    ``c_block > 0``: sum ``c_block`` codebooks at a time into y, so the table slice being
+    read (``c_block x K x cols``) stays in L1 when the whole table is too large."""
     lanes = _acc_lanes(spec, target)
     acc = sch.get_sblock("acc")
     n, m, c = sch.get_loops(acc)
     n_o, n_i = sch.split(n, [None, knobs.rows])
     m_o, m_i = sch.split(m, [None, knobs.cols])
     m_v, m_l = sch.split(m_i, [None, lanes])
-    sch.reorder(m_o, n_o, c, n_i, m_v, m_l)
-    if spec.table_dtype == "float32":
+    fp32 = spec.table_dtype == "float32"
+    if knobs.c_block:
+        c_o, c_i = sch.split(c, [None, knobs.c_block])
+        sch.reorder(m_o, c_o, n_o, c_i, n_i, m_v, m_l)
+        reduce_at, parallel = c_o, m_o
+        if not fp32:
+            sch.reverse_compute_at(sch.get_sblock("scale"), m_o)
+    else:
+        sch.reorder(m_o, n_o, c, n_i, m_v, m_l)
+        reduce_at = c
         # "global" scope on purpose: small constant-size global buffers become stack
         # arrays (registers after LLVM's SROA); "local" ones become heap workspaces.
-        epilogue = sch.cache_write(acc, 0, "global")
-    else:
-        epilogue = sch.get_sblock("scale")
-    sch.reverse_compute_at(epilogue, n_o)
-    sch.parallel(sch.fuse(m_o, n_o))
+        epilogue = sch.cache_write(acc, 0, "global") if fp32 else sch.get_sblock("scale")
+        sch.reverse_compute_at(epilogue, n_o)
+        parallel = sch.fuse(m_o, n_o)
+    sch.parallel(parallel)
     sch.unroll(n_i)
     sch.unroll(m_v)
     if lanes > 1:
         sch.vectorize(m_l)
-    _vectorize_inner(sch, epilogue, lanes)
-    init = sch.decompose_reduction(acc, c)
+    if not knobs.c_block:
+        _vectorize_inner(sch, epilogue, lanes)
+    elif not fp32:
+        _vectorize_inner(sch, sch.get_sblock("scale"), lanes)
+    init = sch.decompose_reduction(acc, reduce_at)
     _vectorize_inner(sch, init, lanes)
 
 
