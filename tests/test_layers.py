@@ -165,3 +165,14 @@ def test_from_dense_copies_weights():
     x = torch.randn(5, 16)
     torch.testing.assert_close(lut.set_mode("dense")(x), dense(x))
     assert lut.weight is not dense.weight
+
+
+def test_codes_under_bf16_autocast_match_fp32_inference():
+    """Training under autocast must pick the same codes as the fp32 lookup at inference."""
+    torch.manual_seed(4)
+    layer = _linear(subvec_len=4)
+    x = torch.randn(256, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_amp = layer.train()(x)
+    assert y_amp.dtype == torch.float32
+    torch.testing.assert_close(y_amp, layer.eval()(x), rtol=1e-5, atol=1e-5)

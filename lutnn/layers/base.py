@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
@@ -161,11 +162,17 @@ class LUTBase(nn.Module):
         w, b = self.weight_2d(), self.bias_or_none()
         if mode == "dense":
             return F.linear(rows, w, b)
-        if mode == "lut":
-            codes = self.encode(rows)
-            q = self.quantized_table
-            return q.lookup(codes, b) if q is not None else LF.table_lookup(codes, self.table(), b)
-        return LF.lut_matmul(rows, self.prototypes, w, b, self.log_tau, hard=(mode == "ste"))
+        # Encoding runs in fp32 even under autocast: bf16/fp16 distances would pick other
+        # codes in training than the fp32 lookup picks at inference.
+        device = rows.device.type
+        fp32 = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
+        with fp32:
+            rows = rows.float()
+            if mode == "lut":
+                codes = self.encode(rows)
+                q = self.quantized_table
+                return q.lookup(codes, b) if q is not None else LF.table_lookup(codes, self.table(), b)
+            return LF.lut_matmul(rows, self.prototypes, w, b, self.log_tau, hard=(mode == "ste"))
 
     def extra_repr(self) -> str:
         return (
