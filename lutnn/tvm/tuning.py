@@ -42,7 +42,8 @@ def default_tuning_dir() -> Path:
 
 
 def workload_key(spec: KernelSpec, target: Target) -> str:
-    return f"{target.attrs.get('mcpu', 'generic')}/{spec.name}"
+    """CPU model, thread count and kernel shape: the best tiles depend on all three."""
+    return f"{target.attrs.get('mcpu', 'generic')}-{int(target.attrs.get('num-cores', 1))}t/{spec.name}"
 
 
 class TuningDatabase:
