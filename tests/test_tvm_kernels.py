@@ -12,7 +12,6 @@ from lutnn.tvm.schedules import knob_space, scheduled
 from lutnn.tvm.target import host_target
 from lutnn.tvm.tuning import TuningDatabase, build_kernel, compile_kernel, tune_kernels
 
-
 TARGET = host_target()
 
 
