@@ -73,7 +73,8 @@ def report(results: list[Result], meta: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="demo.py", description="Compile a retrained LUT model with TVM and compare "
+                                 "it with PyTorch (dense fp32, best of bf16 / dynamic int8, LUT) and TVM dense.")
     ap.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory (train.py output)")
     ap.add_argument("--which", default="best", help="checkpoint in the run: best, last or a file")
     ap.add_argument("--tune-trials", type=int, default=8, help="tuning trials per LUT kernel (0: hand schedule)")
