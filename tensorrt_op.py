@@ -15,6 +15,7 @@ import sys
 import torch
 
 from lutnn import lut_layers
+from lutnn.cli import emit
 from lutnn.trt import (
     LUT_OPS, PRECISIONS, TensorRTUnavailable, benchmark, latency_markdown, load_models, require_tensorrt,
 )
@@ -58,10 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                      LUT_OPS if args.lut_ops_in_torch else ())
     text = latency_markdown(rows, f"Device: {torch.cuda.get_device_name()}.",
                             f"Input {tuple(x.shape)} {args.precision}; median of {args.repeats} calls.")
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    emit(text, args.output)
     return 0
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .calibrate import InitReport, capture_rows, init_prototypes
+from .cli import emit
 from .cli import parser as config_parser
 from .kmeans import available_backends
 
@@ -78,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(text, args.output)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 
@@ -13,6 +14,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set train.lr=1e-3 --set distill.enabled=false")
     return p
+
+
+def emit(text: str, output: str | None) -> None:
+    """Print a report and, when ``output`` is given, also write it there (reports are Markdown)."""
+    print(text)
+    if output:
+        Path(output).write_text(text + "\n")
 
 
 def run_stages(args: argparse.Namespace, stages: Sequence[str], resume: bool) -> int:

@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from .cli import emit
 from .convert import LUTConfig, LUTConfigError, convert, convertible_layers
 from .layers import LUTBase
 from .maddness import MaddnessLinear
@@ -460,9 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     text = "\n\n".join([compare_markdown([dense, lut])]
                        + ([layers_markdown(dense), layers_markdown(lut)] if args.per_layer else []))
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(text, args.output)
     return 0
 
 

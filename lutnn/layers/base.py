@@ -94,6 +94,14 @@ class LUTBase(nn.Module):
         self._qtable: QuantizedTable | None = None
         self._qtable_key: tuple | None = None
 
+    def _copy_dense(self, layer: nn.Module) -> "LUTBase":
+        """Take weight and bias from the dense layer being replaced (for ``from_dense``)."""
+        with torch.no_grad():
+            self.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                self.bias.copy_(layer.bias)
+        return self
+
     # -- subclass hooks -------------------------------------------------------------
     def weight_2d(self) -> Tensor:
         """The weight as ``[M, D]`` (the layout the tables are built from)."""

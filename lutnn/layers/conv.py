@@ -81,11 +81,7 @@ class LUTConv2d(LUTBase):
         p = layer.weight
         lut = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                   layer.dilation, layer.bias is not None, device=p.device, dtype=p.dtype, **lut_kwargs)
-        with torch.no_grad():
-            lut.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                lut.bias.copy_(layer.bias)
-        return lut
+        return lut._copy_dense(layer)
 
     def weight_2d(self) -> Tensor:
         return self.weight.reshape(self.out_channels, -1)

@@ -41,11 +41,7 @@ class LUTLinear(LUTBase):
         p = layer.weight
         lut = cls(layer.in_features, layer.out_features, layer.bias is not None,
                   device=p.device, dtype=p.dtype, **lut_kwargs)
-        with torch.no_grad():
-            lut.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                lut.bias.copy_(layer.bias)
-        return lut
+        return lut._copy_dense(layer)
 
     def weight_2d(self) -> Tensor:
         return self.weight
