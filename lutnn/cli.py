@@ -16,6 +16,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def first_line(err: BaseException) -> str:
+    """One line for a CLI error: the message's first line, or the exception type if it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def emit(text: str, output: str | None) -> None:
     """Print a report and, when ``output`` is given, also write it there (reports are Markdown)."""
     print(text)

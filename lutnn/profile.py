@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .cli import emit
+from .cli import emit, first_line
 from .convert import LUTConfig, LUTConfigError, convert, convertible_layers
 from .layers import LUTBase
 from .maddness import MaddnessLinear
@@ -456,8 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (RuntimeError, AssertionError) as err:  # e.g. an input size the model rejects
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: forward of {name!r} on input {input_size} failed: {first}", file=sys.stderr)
+        print(f"error: forward of {name!r} on input {input_size} failed: {first_line(err)}", file=sys.stderr)
         return 2
     text = "\n\n".join([compare_markdown([dense, lut])]
                        + ([layers_markdown(dense), layers_markdown(lut)] if args.per_layer else []))

@@ -30,6 +30,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .cli import first_line
+
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 # aten targets of a LUT layer's encode/lookup as they appear in the exported graph
 LUT_OPS = (
@@ -59,8 +61,7 @@ def require_tensorrt():
     try:
         return importlib.import_module("torch_tensorrt")
     except Exception as err:  # a wheel built for another torch/CUDA fails at import in many ways
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TensorRTUnavailable(f"torch-tensorrt failed to import: {first}") from None
+        raise TensorRTUnavailable(f"torch-tensorrt failed to import: {first_line(err)}") from None
 
 
 def compile_tensorrt(
@@ -128,8 +129,8 @@ def benchmark(
             with torch.inference_mode():
                 diff = float((compiled(example).float() - ref.float()).abs().max())
         except Exception as err:  # report and go on with the next model
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            rows.append(LatencyRow(name, "tensorrt", math.nan, math.nan, math.nan, f"{type(err).__name__}: {first}"))
+            reason = f"{type(err).__name__}: {first_line(err)}"
+            rows.append(LatencyRow(name, "tensorrt", math.nan, math.nan, math.nan, reason))
             continue
         ms = median_latency_ms(compiled, example, warmup, repeats)
         rows.append(LatencyRow(name, "tensorrt", ms, eager / ms, diff))
