@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from lutnn import lut_layers
+from lutnn import quantize_tables_
 from lutnn.cli import emit
 from lutnn.trt import (
     LUT_OPS, PRECISIONS, TensorRTUnavailable, benchmark, latency_markdown, load_models, require_tensorrt,
@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tensorrt_op.py: {err}", file=sys.stderr)
         return 1
     if args.int8_tables:
-        for layer in lut_layers(lut).values():
-            layer.quantize_tables()
+        quantize_tables_(lut)
     x = torch.randn(args.batch_size, *input_size, device="cuda", dtype=PRECISIONS[args.precision])
     rows = benchmark({"dense": dense, "lut": lut}, x, args.warmup, args.repeats, args.min_block_size,
                      LUT_OPS if args.lut_ops_in_torch else ())

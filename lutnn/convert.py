@@ -232,3 +232,8 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     for layer in lut_layers(model).values():
         layer.set_mode(mode)
     return model
+
+
+def quantize_tables_(model: nn.Module, granularity: str | None = "output") -> dict[str, dict[str, float]]:
+    """Int8 tables for every LUT layer (``None``: back to fp32); per-layer error reports by name."""
+    return {name: layer.quantize_tables(granularity) for name, layer in lut_layers(model).items()}

@@ -122,3 +122,16 @@ def test_bad_configs_give_clear_errors(cfg, match):
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
     with pytest.raises(LUTConfigError, match=match):
         lutnn.convert(model, cfg)
+
+
+def test_quantize_tables_on_a_whole_model():
+    model, report = lutnn.convert(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), {"subvec_len": 4})
+    model.eval()
+    x = torch.randn(5, 16)
+    y_fp32 = model(x)
+    errors = lutnn.quantize_tables_(model)
+    assert list(errors) == report.names and all(e["table_rel_error"] < 0.02 for e in errors.values())
+    assert all(layer.quantized_table is not None for layer in lutnn.lut_layers(model).values())
+    assert not torch.equal(model(x), y_fp32)
+    lutnn.quantize_tables_(model, None)
+    torch.testing.assert_close(model(x), y_fp32)

@@ -69,8 +69,7 @@ def _assert_lookup_only(model: nn.Module, rec: MatmulRecorder) -> None:
 def test_lut_forward_has_no_dense_matmul(int8):
     model = _model()
     if int8:
-        for layer in lutnn.lut_layers(model).values():
-            layer.quantize_tables()
+        lutnn.quantize_tables_(model)
     rec = _record(model, torch.randn(2, 3, 8, 8))
     _assert_lookup_only(model, rec)
     assert {op for op, _ in rec.calls} == {aten.baddbmm}
@@ -107,8 +106,7 @@ def test_exported_graph_matches_eager_and_multiplies_inputs_only_by_prototypes(i
     the activations is the encode distance. Tables are a parameter-only subexpression."""
     model = _model()
     if int8:
-        for layer in lutnn.lut_layers(model).values():
-            layer.quantize_tables()
+        lutnn.quantize_tables_(model)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         ref = model(x)
@@ -130,8 +128,7 @@ def test_exported_graph_matches_eager_and_multiplies_inputs_only_by_prototypes(i
 def test_lut_model_runs_on_cuda_like_on_cpu(int8):
     model = _model()
     if int8:
-        for layer in lutnn.lut_layers(model).values():
-            layer.quantize_tables()
+        lutnn.quantize_tables_(model)
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         ref = model(x)

@@ -49,8 +49,7 @@ def test_int8_tables_match_quantized_pytorch_model():
     torch.manual_seed(1)
     mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
     lut, _ = lutnn.convert(mlp, lutnn.LUTConfig(subvec_len=8))
-    for layer in lutnn.lut_layers(lut).values():
-        layer.quantize_tables("output")
+    lutnn.quantize_tables_(lut, "output")
     lut.eval()
     x = torch.randn(20, 32)
     specs = lut_kernel_specs(lut, x)

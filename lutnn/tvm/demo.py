@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..dense_baselines import dense_variant
-from ..layers import LUTBase
+from ..convert import quantize_tables_
 from .relax_model import compile_model, lut_kernel_specs
 from .target import host_target, set_num_threads
 from .tuning import time_kernel, tune_kernels
@@ -94,9 +94,7 @@ def main(argv: list[str] | None = None) -> str:
     run = load_run(run_dir, args.which)
     lut, dense = run.lut_model.cpu().eval(), run.dense_model.cpu().eval()
     if args.int8_tables:
-        for m in lut.modules():
-            if isinstance(m, LUTBase):
-                m.quantize_tables("output")
+        quantize_tables_(lut, "output")
     batches = fixed_batches(run.eval_loader, args.batch_size)
     example = batches[0][0]
     target = host_target(args.threads)
