@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import InitReport, capture_rows, init_prototypes
+from .calibrate import InitReport, init_prototypes
 from .cli import emit
 from .cli import parser as config_parser
 from .kmeans import available_backends
@@ -25,17 +25,16 @@ from .kmeans import available_backends
 
 def benchmark(config: str, overrides: list[str], teacher: str | None, backends: list[str]) -> str:
     from .config import load_config
-    from .data import build_splits, make_loader, set_epoch
-    from .runs import RunPaths, build_lut, build_teacher
+    from .pipeline import Pipeline
+    from .runs import build_lut, build_teacher
 
     cfg = load_config(config, overrides)
     torch.manual_seed(cfg.seed)
-    splits = build_splits(cfg.data)
-    weights = Path(teacher) if teacher else RunPaths(Path(cfg.output_dir)).teacher
-    model = build_lut(cfg, build_teacher(cfg, splits.num_classes, weights if weights.is_file() else None).eval())
-    loader = make_loader(splits.train, cfg.data, train=True, seed=cfg.seed)
-    set_epoch(loader, 0, cfg.seed)
-    rows = capture_rows(model, loader, cfg.init.max_rows, min(cfg.init.num_batches, len(loader)), cfg.seed)
+    pipe = Pipeline(cfg)
+    weights = Path(teacher) if teacher else pipe.paths.teacher
+    dense = build_teacher(cfg, pipe.splits.num_classes, weights if weights.is_file() else None)
+    model = build_lut(cfg, dense.to(pipe.env.device).eval())
+    rows = pipe.calibration_rows(model)
     results: dict[str, list[InitReport]] = {
         b: init_prototypes(model, rows, b, cfg.init.niter, cfg.seed) for b in backends
     }

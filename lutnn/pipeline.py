@@ -63,6 +63,13 @@ class Pipeline:
             raise RunError(f"{self.paths.teacher}: no teacher yet (run prototype_learning.py or pipeline.py first)")
         return build_teacher(self.cfg, self.splits.num_classes, self.paths.teacher).to(self.env.device).eval()
 
+    def calibration_rows(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Input rows of every LUT layer from the first ``init.num_batches`` training batches of epoch 0."""
+        init, loader = self.cfg.init, self.loader(True)
+        set_epoch(loader, 0, self.cfg.seed)
+        return capture_rows(model, loader, init.max_rows, min(init.num_batches, len(loader)),
+                            self.cfg.seed, self.env.device)
+
     def prepare(self) -> None:
         """Create the run dir and save the resolved config; refuse to mix two configs in one dir."""
         if self.paths.config.is_file():
@@ -107,10 +114,7 @@ class Pipeline:
         if self.env.is_main:
             init = self.cfg.init
             model, conversion = convert(self.teacher(), self.cfg.lut_config())
-            loader = self.loader(True)
-            set_epoch(loader, 0, self.cfg.seed)
-            rows = capture_rows(model, loader, init.max_rows, min(init.num_batches, len(loader)),
-                                self.cfg.seed, self.env.device)
+            rows = self.calibration_rows(model)
             reports = init_prototypes(model, rows, init.backend, init.niter, self.cfg.seed)
             save_prototypes(model, self.paths.prototypes)
             self.paths.init_report_json.write_text(json.dumps([asdict(r) for r in reports], indent=1) + "\n")
