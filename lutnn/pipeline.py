@@ -9,7 +9,6 @@ re-running a crashed command continues where it stopped; training resumes from
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +23,7 @@ from .data import Splits, build_splits, input_size, make_loader, set_epoch
 from .evaluate import Accuracy, evaluate, plot_history, results_markdown, write_results
 from .io import load_prototypes, save_prototypes
 from .runs import RunPaths, build_lut, build_teacher
-from .train import FitPaths, fit, init_distributed, load_checkpoint, seed_everything
+from .train import FitPaths, fit, init_distributed, load_checkpoint, save_checkpoint, seed_everything
 from .train.distributed import DistEnv
 
 STAGES = ("teacher", "prototypes", "train", "eval")
@@ -102,9 +101,7 @@ class Pipeline:
                          tensorboard=self._tb()),
                 self.env, stage="teacher", seed=self.cfg.seed, log_every=self.cfg.log.every_steps, resume=resume)
         if self.env.is_main:
-            tmp = self.paths.teacher.with_suffix(".tmp")
-            torch.save({"model": model.state_dict()}, tmp)
-            os.replace(tmp, self.paths.teacher)
+            save_checkpoint(self.paths.teacher, {"model": model.state_dict()})
         self.env.barrier()
 
     def stage_prototypes(self) -> None:
