@@ -160,10 +160,8 @@ def load_models(
 ) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
     """``(dense, lut, input_size)`` from a training run directory or a timm model name."""
     if checkpoint is not None:
-        try:
-            from .runs import load_run
-        except ImportError as err:
-            raise ValueError(f"--checkpoint needs lutnn.runs ({err})") from None
+        from .runs import load_run
+
         run = load_run(checkpoint)
         return run.dense_model, run.lut_model, tuple(input_size or run.input_size)
     from .profile import default_input_size, dense_and_lut
