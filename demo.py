@@ -2,7 +2,7 @@
 
     python demo.py --checkpoint runs/default [--tune-trials 8] [--batch-size 64] [--threads 2]
 """
-from lutnn.tvm.demo import main
+from lutnn.tools.demo import main
 
 if __name__ == "__main__":
     main()

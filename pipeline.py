@@ -6,11 +6,7 @@ re-running the same command after a crash continues the run. Works under torchru
 """
 import sys
 
-from lutnn.cli import parser, run_stages
-from lutnn.pipeline import STAGES
+from lutnn.pipeline.cli import run_main
 
 if __name__ == "__main__":
-    p = parser(__doc__)
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    args = p.parse_args()
-    sys.exit(run_stages(args, [s.strip() for s in args.stages.split(",") if s.strip()], resume=True))
+    sys.exit(run_main())

@@ -7,7 +7,7 @@ writes <output_dir>/prototypes.safetensors and init_report.{md,json}.
 """
 import sys
 
-from lutnn.cli import parser, run_stages
+from lutnn.pipeline.cli import prototypes_main
 
 if __name__ == "__main__":
-    sys.exit(run_stages(parser(__doc__).parse_args(), ["teacher", "prototypes"], resume=True))
+    sys.exit(prototypes_main())

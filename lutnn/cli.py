@@ -1,52 +1,48 @@
-"""Shared command-line plumbing of the root scripts: ``--config``, ``--set``, one-line errors."""
+"""The ``lutnn`` console command: one subcommand per pipeline stage and tool.
+
+Subcommands are a registry of ``module:function`` entry points, imported only when run, so
+``lutnn --help`` stays fast and each subcommand's ``--help`` is its own argparse parser.
+"""
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
-import time
-from pathlib import Path
 from typing import Sequence
 
-
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", required=True, help="YAML run config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. --set train.lr=1e-3 --set distill.enabled=false")
-    return p
-
-
-def first_line(err: BaseException) -> str:
-    """One line for a CLI error: the message's first line, or the exception type if it has none."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def emit(text: str, output: str | None) -> None:
-    """Print a report and, when ``output`` is given, also write it there (reports are Markdown)."""
-    print(text)
-    if output:
-        Path(output).write_text(text + "\n")
+# name -> (entry point "module:function", one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("lutnn.pipeline.cli:run_main", "whole pipeline: teacher -> prototypes -> retrain -> eval (pipeline.py)"),
+    "prototypes": ("lutnn.pipeline.cli:prototypes_main", "teacher + calibration + k-means init (prototype_learning.py)"),
+    "train": ("lutnn.pipeline.cli:train_main", "LUT retraining + evaluation, --resume (train.py)"),
+    "demo": ("lutnn.tools.demo:main", "TVM-compiled LUT model vs dense baselines on a run (demo.py)"),
+    "bench": ("lutnn.tools.bench:main", "LUT layer benchmark: TVM kernels vs PyTorch dense"),
+    "profile": ("lutnn.tools.profile:main", "MACs/FLOPs and size of a model and its LUT conversion"),
+    "kmeans-bench": ("lutnn.tools.bench_kmeans:main", "time every k-means engine on a run's calibration rows"),
+    "maddness": ("lutnn.tools.maddness_compare:main", "MADDness vs k-means encoders on digits activations"),
+    "tensorrt": ("lutnn.tools.trt:main", "torch-tensorrt latency of dense and LUT models (GPU; tensorrt_op.py)"),
+}
 
 
-def run_stages(args: argparse.Namespace, stages: Sequence[str], resume: bool) -> int:
-    """Run ``stages`` of the pipeline; known errors become one line on stderr and exit code 2."""
-    from .config import ConfigError, load_config
-    from .convert import LUTConfigError
-    from .data import DataError
-    from .io import PrototypeFileError
-    from .pipeline import Pipeline, RunError
-    from .train import shutdown_distributed
+def _usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: lutnn <subcommand> [--help] [args...]", "", "subcommands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
 
-    start = time.perf_counter()
-    try:
-        cfg = load_config(args.config, args.overrides)
-        pipe = Pipeline(cfg)
-        pipe.run(stages, resume)
-    except (ConfigError, DataError, LUTConfigError, PrototypeFileError, RunError) as err:
-        print(f"error: {err}", file=sys.stderr)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"lutnn: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    finally:
-        shutdown_distributed()
-    pipe.log(f"wall time: {time.perf_counter() - start:.1f}s ({', '.join(stages)}) -> {pipe.paths.root}")
-    return 0
+    module, func = SUBCOMMANDS[name][0].split(":")
+    sys.argv[0] = f"lutnn {name}"  # argparse's prog
+    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,7 @@ Engines (``backend=``):
 * ``"faiss"``  — faiss-cpu's ``Kmeans``, one codebook at a time;
 * ``"torch"``  — batched Lloyd iterations over all codebooks at once in PyTorch;
 * ``"auto"``   — kmcuda when importable and a GPU is present, else faiss when installed,
-  else torch. The CPU order comes from ``python -m lutnn.bench_kmeans``: on the 2-core
+  else torch. The CPU order comes from ``lutnn kmeans-bench``: on the 2-core
   development CPU faiss clustered DeiT-Tiny-width layers 1.3x faster than the batched
   torch engine at the same reconstruction error (torch's k-means++ seeding is a hair better).
 """
@@ -23,7 +23,7 @@ from torch import Tensor
 
 KMeansFn = Callable[[Tensor, int, int, int], Tensor]  # (x [C, N, V], k, niter, seed) -> [C, K, V]
 _BACKENDS: dict[str, KMeansFn] = {}
-CPU_PREFERENCE = ("faiss", "torch")  # fastest first, measured by lutnn.bench_kmeans
+CPU_PREFERENCE = ("faiss", "torch")  # fastest first, measured by lutnn kmeans-bench
 
 
 def register_backend(name: str) -> Callable[[KMeansFn], KMeansFn]:

@@ -1,7 +1,7 @@
-"""python -m lutnn.bench on a small subset writes a Markdown table and a PNG plot."""
+"""lutnn bench on a small subset writes a Markdown table and a PNG plot."""
 import pytest
 
-from lutnn import bench
+from lutnn.tools import bench
 
 
 def test_bench_subset_writes_markdown_and_png(tmp_path, monkeypatch, capsys):

@@ -1,7 +1,7 @@
-"""python -m lutnn.bench_kmeans: every engine on the same captured rows, one table."""
+"""lutnn kmeans-bench: every engine on the same captured rows, one table."""
 import re
 
-from lutnn.bench_kmeans import main
+from lutnn.tools.bench_kmeans import main
 from pipeline_cfg import tiny_config, write_config
 
 

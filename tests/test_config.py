@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lutnn.config import ConfigError, RunConfig, load_config, save_config
+from lutnn.pipeline import load_config
+from lutnn.pipeline.config import ConfigError, RunConfig, save_config
 from pipeline_cfg import tiny_config, write_config
 
 ROOT = Path(__file__).resolve().parents[1]

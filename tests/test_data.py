@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from lutnn.config import DataConfig
-from lutnn.data import DataError, ShardSampler, build_splits, make_loader
+from lutnn.pipeline.config import DataConfig
+from lutnn.pipeline.data import DataError, ShardSampler, build_splits, make_loader
 
 
 def _digit_images(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from lutnn.config import load_config
+from lutnn.pipeline import load_config
 from pipeline_cfg import tiny_config, write_config
 
 
@@ -22,7 +22,7 @@ def _worker(rank: int, world: int, port: int, cfg_path: str, out: str) -> None:
                       WORLD_SIZE=str(world), LUTNN_NO_PROGRESS="1")
     torch.set_num_threads(1)
     from lutnn.pipeline import Pipeline
-    from lutnn.train import shutdown_distributed
+    from lutnn.pipeline.train import shutdown_distributed
 
     pipe = Pipeline(load_config(cfg_path))
     assert pipe.env.world == world and pipe.env.rank == rank

@@ -85,7 +85,7 @@ def test_recorder_sees_dense_matmuls_in_dense_mode():
 
 
 def test_timm_vit_lut_layers_run_lookups_only():
-    from lutnn.profile import dense_and_lut
+    from lutnn.tools.profile import dense_and_lut
 
     _, model = dense_and_lut("deit_tiny_patch16_224", img_size=32, depth=2)
     assert len(lutnn.lut_layers(model)) == 2 * 4  # qkv, proj, fc1, fc2 per block; stem and head dense

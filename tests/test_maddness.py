@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from lutnn.layers import functional as LF
-from lutnn.maddness import (
-    DigitsMLP, HashTrees, MaddnessLinear, _optimal_split, compare_encoders, digits_accuracy, learn_hash_tree,
-)
+from lutnn.maddness import HashTrees, MaddnessLinear, _optimal_split, learn_hash_tree
+from lutnn.tools.maddness_compare import DigitsMLP, compare_encoders, digits_accuracy
 
 
 def _sse(x: torch.Tensor) -> float:

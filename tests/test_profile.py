@@ -7,7 +7,7 @@ from torch import nn
 
 import lutnn
 from lutnn import LUTConv2d, LUTLinear
-from lutnn import profile as P
+from lutnn.tools import profile as P
 
 
 def _cost(prof: P.ModelProfile, name: str) -> P.LayerCost:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lutnn
-from lutnn import trt
+from lutnn.tools import trt
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRT = torch.cuda.is_available() and importlib.util.find_spec("torch_tensorrt") is not None

@@ -6,13 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import lutnn.train.loop as loop
-from lutnn.config import OptimConfig, load_config
+import lutnn.pipeline.train.loop as loop
+from lutnn.pipeline import load_config
+from lutnn.pipeline.config import OptimConfig
 from lutnn.convert import lut_layers
-from lutnn.evaluate import evaluate
+from lutnn.pipeline.evaluate import evaluate
 from lutnn.pipeline import Pipeline, RunError
-from lutnn.runs import load_run
-from lutnn.train import WarmupCosine, kd_loss, param_groups, total_loss
+from lutnn.pipeline.runs import load_run
+from lutnn.pipeline.train import WarmupCosine, kd_loss, param_groups, total_loss
 from pipeline_cfg import tiny_config, write_config
 
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from lutnn.config import load_config
+from lutnn.pipeline import load_config
 from lutnn.pipeline import Pipeline
-from lutnn.tvm import demo
+from lutnn.tools import demo
 from pipeline_cfg import tiny_config, write_config
 
 ROOT = Path(__file__).resolve().parents[1]

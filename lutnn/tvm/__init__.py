@@ -4,6 +4,8 @@
 * :mod:`.schedules` — hand schedules (and their tuning knobs), generic CPU fallback.
 * :mod:`.tuning` — knob search with a JSON database reused across runs.
 * :mod:`.relax_model` — whole-model compile via ``relax.frontend.torch.from_exported_program``.
+
+The demo comparing a run's LUT model with dense baselines is :mod:`lutnn.tools.demo`.
 """
 from .kernels import EncodeSpec, LookupSpec
 from .target import host_target

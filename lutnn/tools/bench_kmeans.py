@@ -1,6 +1,6 @@
 """Time every k-means engine on the same captured activations and compare their error.
 
-    python -m lutnn.bench_kmeans --config configs/default.yaml [--teacher runs/default/teacher.pt]
+    lutnn kmeans-bench --config configs/default.yaml [--teacher runs/default/teacher.pt]
 
 Rows are captured once (the config's ``init`` section: batches, row cap) from the
 config's model — with ``--teacher`` weights when given, else the run dir's teacher if it
@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import InitReport, init_prototypes
-from .cli import emit
-from .cli import parser as config_parser
-from .kmeans import available_backends
+from ..calibrate import InitReport, init_prototypes
+from ..pipeline.cli import emit
+from ..pipeline.cli import parser as config_parser
+from ..kmeans import available_backends
 
 
 def benchmark(config: str, overrides: list[str], teacher: str | None, backends: list[str]) -> str:
-    from .config import load_config
-    from .pipeline import Pipeline
-    from .runs import build_lut, build_teacher
+    from ..pipeline.resolve import load_config
+    from ..pipeline.runner import Pipeline
+    from ..pipeline.runs import build_lut, build_teacher
 
     cfg = load_config(config, overrides)
     torch.manual_seed(cfg.seed)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", nargs="+", default=available_backends(), choices=["torch", "faiss", "kmcuda"])
     p.add_argument("--output", help="also write the Markdown table here")
     args = p.parse_args(argv)
-    from .config import ConfigError
+    from ..pipeline.config import ConfigError
 
     try:
         text = benchmark(args.config, args.overrides, args.teacher, args.backends)

@@ -1,7 +1,7 @@
 """Layer-level benchmark: TVM LUT kernels vs PyTorch dense on transformer shapes.
 
-    python -m lutnn.bench                      # full grid: N {197,1024,4096} x D=M {384,768} x V {2,4,8}
-    python -m lutnn.bench --n 1024 --d 768 --v 8 --threads 2 --tune-trials 8
+    lutnn bench                      # full grid: N {197,1024,4096} x D=M {384,768} x V {2,4,8}
+    lutnn bench --n 1024 --d 768 --v 8 --threads 2 --tune-trials 8
 
 Per shape: median latency of the TVM LUT layer (encode + read-accumulate, fp32 and
 int8 tables), the PyTorch LUT layer (``embedding_bag`` lookup), and the PyTorch dense
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .dense_baselines import DENSE_PATHS, dense_variant
-from .layers import LUTLinear
-from .progress import progress
+from ..layers import LUTLinear
+from ..progress import progress
 
 
 @dataclass
@@ -58,8 +58,8 @@ def _lut_layer(d: int, v: int, k: int, seed: int) -> LUTLinear:
 def bench_shape(n: int, d: int, v: int, k: int, target, db, dense_ms: dict[str, float], torch_lut: bool,
                 seed: int = 0) -> Row:
     """Time every method on one shape (dense timings are shared across V)."""
-    from .tvm.kernels import EncodeSpec, LookupSpec
-    from .tvm.tuning import build_kernel, random_inputs, time_kernel
+    from ..tvm.kernels import EncodeSpec, LookupSpec
+    from ..tvm.tuning import build_kernel, random_inputs, time_kernel
     import tvm
 
     row = Row(n, d, v, k, ms=dict(dense_ms))
@@ -86,7 +86,7 @@ def bench_shape(n: int, d: int, v: int, k: int, target, db, dense_ms: dict[str, 
 
 
 def dense_timings(n: int, d: int, seed: int = 0) -> dict[str, float]:
-    from .tvm.tuning import time_kernel
+    from ..tvm.tuning import time_kernel
 
     torch.manual_seed(seed)
     lin, x = nn.Linear(d, d).eval(), torch.randn(n, d)
@@ -101,9 +101,9 @@ def dense_timings(n: int, d: int, seed: int = 0) -> dict[str, float]:
 
 def run(ns, ds, vs, k: int = 16, threads: int | None = None, tune_trials: int = 0, tuning_dir=None,
         torch_lut: bool = True) -> list[Row]:
-    from .tvm.kernels import EncodeSpec, LookupSpec
-    from .tvm.target import host_target, set_num_threads
-    from .tvm.tuning import TuningDatabase, tune_kernels
+    from ..tvm.kernels import EncodeSpec, LookupSpec
+    from ..tvm.target import host_target, set_num_threads
+    from ..tvm.tuning import TuningDatabase, tune_kernels
 
     if threads:
         torch.set_num_threads(threads)
@@ -169,7 +169,7 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m lutnn.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, nargs="+", default=[197, 1024, 4096], help="rows (tokens x batch)")
     ap.add_argument("--d", type=int, nargs="+", default=[384, 768], help="D = M (in = out features)")
     ap.add_argument("--v", type=int, nargs="+", default=[2, 4, 8], help="sub-vector lengths")

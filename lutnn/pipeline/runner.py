@@ -16,12 +16,13 @@ from typing import Sequence
 
 import torch
 
-from .calibrate import capture_rows, init_prototypes, init_report_markdown
-from .config import ConfigError, RunConfig, config_diff, load_config, save_config
-from .convert import convert, lut_layers
+from ..calibrate import capture_rows, init_prototypes, init_report_markdown
+from .config import ConfigError, RunConfig, config_diff, save_config
+from ..convert import convert, lut_layers
 from .data import Splits, build_splits, input_size, make_loader, set_epoch
 from .evaluate import Accuracy, evaluate, plot_history, results_markdown, write_results
-from .io import load_prototypes, save_prototypes
+from ..io import load_prototypes, save_prototypes
+from .resolve import load_config
 from .runs import RunPaths, build_lut, build_teacher
 from .train import FitPaths, fit, init_distributed, load_checkpoint, save_checkpoint, seed_everything
 from .train.distributed import DistEnv

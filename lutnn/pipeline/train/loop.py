@@ -20,10 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config import DistillConfig, OptimConfig
-from ..convert import lut_layers
+from ...convert import lut_layers
 from ..data import set_epoch
 from ..evaluate import evaluate
-from ..progress import progress
+from ...progress import progress
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distill import total_loss
 from .distributed import DistEnv

@@ -7,7 +7,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig
+from ..convert import LUTConfigError, convert_
+from .config import ConfigError, ModelConfig, RunConfig
 
 MODEL_SOURCES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -64,3 +65,35 @@ def load_weights(model: nn.Module, path: str | Path, key: str = "model") -> nn.M
         first = str(err).strip().splitlines()[:3]
         raise ConfigError(f"{path}: does not fit the configured model: {' '.join(first)}") from None
     return model
+
+
+def check_conversion(cfg: RunConfig, where: str) -> None:
+    """Dry-run the conversion on a ``meta``-device model so bad C/K/V fail at load time."""
+    try:
+        lut_cfg = cfg.lut_config()
+    except (LUTConfigError, TypeError) as err:
+        raise ConfigError(f"{where}: {_lut_key(str(err))}: {err}") from None
+    try:
+        with torch.device("meta"):
+            model = create_model(cfg.model, num_classes=10)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - third-party constructors raise anything
+        raise ConfigError(f"{where}: model: cannot build {cfg.model.source}:{cfg.model.name} "
+                          f"with kwargs {cfg.model.kwargs}: {err}") from None
+    try:
+        convert_(model, lut_cfg)
+    except LUTConfigError as err:
+        raise ConfigError(f"{where}: {_lut_key(str(err))}: {err}") from None
+
+
+
+def _lut_key(message: str) -> str:
+    """The most specific ``lut.*`` key a LUTConfig error is about."""
+    for key in ("num_prototypes", "subvec_len", "num_codebooks", "init_temperature", "layer_types",
+                "include", "exclude", "overrides"):
+        if key in message:
+            return f"lut.{key}"
+    if "C*V" in message or "V must divide" in message:
+        return "lut.subvec_len"
+    return "lut"

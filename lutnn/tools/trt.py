@@ -19,10 +19,12 @@ when a TensorRT version mishandles argmin or embedding_bag.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -30,7 +32,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .cli import first_line
+from ..convert import quantize_tables_
+from ..pipeline.cli import emit, first_line
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 # aten targets of a LUT layer's encode/lookup as they appear in the exported graph
@@ -160,7 +163,7 @@ def load_models(
 ) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
     """``(dense, lut, input_size)`` from a training run directory or a timm model name."""
     if checkpoint is not None:
-        from .runs import load_run
+        from ..pipeline.runs import load_run
 
         run = load_run(checkpoint)
         return run.dense_model, run.lut_model, tuple(input_size or run.input_size)
@@ -168,3 +171,51 @@ def load_models(
 
     dense, lut = dense_and_lut(model_name, keep_ends_dense=keep_ends_dense)
     return dense, lut, tuple(input_size or default_input_size(dense))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Compile a dense model and its LUT conversion with TensorRT "
+                                     "and time them against eager (needs CUDA and torch-tensorrt).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="RUN_DIR", help="training run directory (lutnn.load_run)")
+    source.add_argument("--model", metavar="NAME", help="timm model name, converted with the default LUTConfig")
+    parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                        help="default: the run's / model's input size")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    parser.add_argument("--int8-tables", action="store_true", help="quantise LUT tables to int8 first")
+    parser.add_argument("--convert-all", action="store_true",
+                        help="--model only: also convert the stem and classifier (kept dense by default)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls; the median is reported")
+    parser.add_argument("--min-block-size", type=int, default=5,
+                        help="smallest run of convertible ops given to TensorRT; shorter runs stay in PyTorch")
+    parser.add_argument("--lut-ops-in-torch", action="store_true",
+                        help=f"force the LUT encode/lookup ops to PyTorch (torch_executed_ops={list(LUT_OPS)})")
+    parser.add_argument("--output", help="also write the Markdown table to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        require_tensorrt()
+        dense, lut, input_size = load_models(args.checkpoint, args.model, args.input_size, not args.convert_all)
+    except (TensorRTUnavailable, ValueError, FileNotFoundError) as err:
+        print(f"{parser.prog}: {err}", file=sys.stderr)
+        return 1
+    if args.int8_tables:
+        quantize_tables_(lut)
+    x = torch.randn(args.batch_size, *input_size, device="cuda", dtype=PRECISIONS[args.precision])
+    rows = benchmark({"dense": dense, "lut": lut}, x, args.warmup, args.repeats, args.min_block_size,
+                     LUT_OPS if args.lut_ops_in_torch else ())
+    text = latency_markdown(rows, f"Device: {torch.cuda.get_device_name()}.",
+                            f"Input {tuple(x.shape)} {args.precision}; median of {args.repeats} calls.")
+    emit(text, args.output)
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

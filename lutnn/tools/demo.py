@@ -1,6 +1,6 @@
 """``demo.py``: a retrained LUT model compiled by TVM, side by side with PyTorch and TVM dense.
 
-Steps: load the run (:func:`lutnn.runs.load_run`), tune the LUT kernels of the model's
+Steps: load the run (:func:`lutnn.load_run`), tune the LUT kernels of the model's
 shapes (or reuse ``<run>/tvm_tuning``), compile the LUT and the dense model with the
 same Relax pipeline, check the compiled LUT model against the PyTorch LUT model, then
 measure top-1 accuracy on the eval set and per-batch latency / throughput of:
@@ -18,11 +18,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..dense_baselines import dense_variant
+from .dense_baselines import dense_variant
 from ..convert import quantize_tables_
-from .relax_model import compile_model, lut_kernel_specs
-from .target import host_target, set_num_threads
-from .tuning import time_kernel, tune_kernels
+from ..tvm.relax_model import compile_model, lut_kernel_specs
+from ..tvm.target import host_target, set_num_threads
+from ..tvm.tuning import time_kernel, tune_kernels
 
 
 @dataclass
@@ -73,7 +73,7 @@ def report(results: list[Result], meta: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(prog="demo.py", description="Compile a retrained LUT model with TVM and compare "
+    ap = argparse.ArgumentParser(description="Compile a retrained LUT model with TVM and compare "
                                  "it with PyTorch (dense fp32, best of bf16 / dynamic int8, LUT) and TVM dense.")
     ap.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory (train.py output)")
     ap.add_argument("--which", default="best", help="checkpoint in the run: best, last or a file")
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--threads", type=int, default=None, help="threads for PyTorch and TVM (default: all)")
     ap.add_argument("--int8-tables", action="store_true", help="int8 tables (granularity 'output') for both LUT models")
     args = ap.parse_args(argv)
-    from ..runs import load_run
+    from ..pipeline.runs import load_run
 
     run_dir = Path(args.checkpoint)
     if not run_dir.is_dir():

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from .config import DataConfig
+from .config import ConfigError, DataConfig
 
 
 class DataError(RuntimeError):
@@ -210,6 +210,17 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n // self.world if self.shuffle else len(range(self.rank, self.n, self.world))
+
+
+def check_data_config(cfg: DataConfig, where: str) -> None:
+    """Registry checks of ``data``: a known dataset, and its local root when it needs one."""
+    if cfg.name not in DATASETS:
+        raise ConfigError(f"{where}: data.name: unknown dataset {cfg.name!r}; known: {sorted(DATASETS)}")
+    if DATASETS[cfg.name].needs_root:
+        if cfg.root is None:
+            raise ConfigError(f"{where}: data.root: dataset {cfg.name!r} needs a local path (data.root)")
+        if not Path(cfg.root).expanduser().exists():
+            raise ConfigError(f"{where}: data.root: path {cfg.root!r} does not exist")
 
 
 def build_splits(cfg: DataConfig) -> Splits:

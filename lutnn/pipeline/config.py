@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which dataset and how it is fed. ``root`` is required by every dataset but ``digits``."""
 
-    name: str = "digits"  # a key of lutnn.data.DATASETS
+    name: str = "digits"  # a key of lutnn.pipeline.data.DATASETS
     root: str | None = None
     image_size: int = 16
     batch_size: int = 64
@@ -117,7 +117,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def lut_config(self):
-        from .convert import LUTConfig
+        from ..convert import LUTConfig
 
         return LUTConfig.from_dict(self.lut, where="lut")
 
@@ -224,13 +224,8 @@ def _require(ok: bool, where: str, key: str, msg: str) -> None:
 
 
 def _check_values(cfg: RunConfig, where: str) -> None:
-    from .data import DATASETS
-
+    """Types are checked by the schema; this checks values. Registry checks live in ``resolve``."""
     d = cfg.data
-    _require(d.name in DATASETS, where, "data.name", f"unknown dataset {d.name!r}; known: {sorted(DATASETS)}")
-    if DATASETS[d.name].needs_root:
-        _require(d.root is not None, where, "data.root", f"dataset {d.name!r} needs a local path (data.root)")
-        _require(Path(d.root).expanduser().exists(), where, "data.root", f"path {d.root!r} does not exist")
     for key in ("image_size", "batch_size", "eval_batch_size"):
         _require(getattr(d, key) > 0, where, f"data.{key}", f"must be > 0, got {getattr(d, key)}")
     _require(d.num_workers >= 0, where, "data.num_workers", "must be >= 0")
@@ -268,56 +263,19 @@ def _check_values(cfg: RunConfig, where: str) -> None:
              f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 
 
-def _check_conversion(cfg: RunConfig, where: str) -> None:
-    """Dry-run the conversion on a ``meta``-device model so bad C/K/V fail at load time."""
-    import torch
-
-    from .convert import LUTConfigError, convert_
-    from .models import create_model
-
-    try:
-        lut_cfg = cfg.lut_config()
-    except (LUTConfigError, TypeError) as err:
-        raise ConfigError(f"{where}: {_lut_key(str(err))}: {err}") from None
-    try:
-        with torch.device("meta"):
-            model = create_model(cfg.model, num_classes=10)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    except Exception as err:  # noqa: BLE001 - third-party constructors raise anything
-        raise ConfigError(f"{where}: model: cannot build {cfg.model.source}:{cfg.model.name} "
-                          f"with kwargs {cfg.model.kwargs}: {err}") from None
-    try:
-        convert_(model, lut_cfg)
-    except LUTConfigError as err:
-        raise ConfigError(f"{where}: {_lut_key(str(err))}: {err}") from None
-
-
-def _lut_key(message: str) -> str:
-    """The most specific ``lut.*`` key a LUTConfig error is about."""
-    for key in ("num_prototypes", "subvec_len", "num_codebooks", "init_temperature", "layer_types",
-                "include", "exclude", "overrides"):
-        if key in message:
-            return f"lut.{key}"
-    if "C*V" in message or "V must divide" in message:
-        return "lut.subvec_len"
-    return "lut"
-
-
 # --------------------------------------------------------------------------- entry points
 
-def config_from_dict(data: Mapping[str, Any], where: str = "<config>", check_model: bool = True) -> RunConfig:
+def parse_config(data: Mapping[str, Any], where: str = "<config>") -> RunConfig:
+    """Build a :class:`RunConfig` from a mapping, checking types and values (no registries)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: top level must be a mapping of sections, got {type(data).__name__}")
     cfg = _build(RunConfig, data, "", where)
     _check_values(cfg, where)
-    if check_model:
-        _check_conversion(cfg, where)
     return cfg
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = (), check_model: bool = True) -> RunConfig:
-    """Read, override (``KEY=VALUE`` dotted keys) and validate a YAML run config."""
+def read_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The YAML mapping of ``path`` with ``KEY=VALUE`` dotted-key overrides applied."""
     path = Path(path)
     where = str(path)
     if not path.is_file():
@@ -330,7 +288,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), check_model: bo
         raise ConfigError(f"{where}: top level must be a mapping of sections")
     for item in overrides:
         _apply_override(data, item, f"{where} (--set)")
-    return config_from_dict(data, where, check_model)
+    return data
 
 
 def dump_config(cfg: RunConfig) -> str:

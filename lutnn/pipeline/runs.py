@@ -20,8 +20,9 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .config import RunConfig, load_config
-from .convert import convert
+from .config import RunConfig
+from .resolve import load_config
+from ..convert import convert
 from .data import build_splits, input_size, make_loader
 from .models import create_model, load_weights
 

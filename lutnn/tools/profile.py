@@ -36,8 +36,8 @@ Size — what must be stored to run the model for inference:
 
 CLI::
 
-    python -m lutnn.profile --model resnet18 --per-layer
-    python -m lutnn.profile --model deit_tiny_patch16_224 --config configs/deit.yaml
+    lutnn profile --model resnet18 --per-layer
+    lutnn profile --model deit_tiny_patch16_224 --config configs/deit.yaml
 """
 from __future__ import annotations
 
@@ -48,16 +48,15 @@ import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .cli import emit, first_line
-from .convert import LUTConfig, LUTConfigError, convert, convertible_layers
-from .layers import LUTBase
-from .maddness import MaddnessLinear
+from ..pipeline.cli import emit, first_line
+from ..convert import LUTConfig, LUTConfigError, convert, convertible_layers
+from ..layers import LUTBase
+from ..maddness import MaddnessLinear
 
 FP32_BYTES = 4
 TABLE_LAYERS = (LUTBase, MaddnessLinear)
@@ -309,35 +308,39 @@ def layers_markdown(p: ModelProfile) -> str:
 
 # -- models ----------------------------------------------------------------------------
 def ends_to_keep_dense(model: nn.Module, config: LUTConfig | None = None) -> list[str]:
-    """The stem and classifier named by a timm model's ``pretrained_cfg`` (e.g.
-    ``patch_embed.proj``/``head``, ``conv1``/``fc``) that are convertible layers.
+    """The stem and classifier that LUT-NN keeps dense: the stem sees raw pixels, the head is small
+    and accuracy-critical.
 
-    LUT-NN keeps these dense: the stem sees raw pixels, the head is small and
-    accuracy-critical.
+    Named by a timm model's ``pretrained_cfg`` (e.g. ``patch_embed.proj``/``head``, ``conv1``/``fc``);
+    for other models (torchvision), the first and last convertible layers.
     """
+    convertible = list(convertible_layers(model, config or LUTConfig()))
     cfg = getattr(model, "pretrained_cfg", None) or {}
     names = []
     for key in ("first_conv", "classifier"):
         value = cfg.get(key)
         names += [value] if isinstance(value, str) else list(value or ())
-    convertible = convertible_layers(model, config or LUTConfig())
-    return [n for n in names if n in convertible]
+    if not cfg and convertible:
+        names = [convertible[0], convertible[-1]]
+    return [n for n in dict.fromkeys(names) if n in convertible]
 
 
 def dense_and_lut(
-    model_name: str,
+    model: str | nn.Module,
     config: LUTConfig | None = None,
     keep_ends_dense: bool = True,
     **model_kwargs: Any,
 ) -> tuple[nn.Module, nn.Module]:
-    """A randomly initialised timm model (``pretrained=False``, ``model_kwargs`` passed to
-    ``timm.create_model``) and its LUT conversion, both in eval mode."""
-    import timm
+    """A dense model and its LUT conversion, both in eval mode. ``model`` is a built module, or a timm
+    name built randomly initialised (``pretrained=False``, ``model_kwargs`` passed to ``timm.create_model``)."""
+    if isinstance(model, str):
+        import timm
 
-    try:
-        dense = timm.create_model(model_name, pretrained=False, **model_kwargs).eval()
-    except RuntimeError as err:
-        raise ValueError(f"--model {model_name!r}: {err}") from None
+        try:
+            model = timm.create_model(model, pretrained=False, **model_kwargs)
+        except RuntimeError as err:
+            raise ValueError(f"--model {model!r}: {err}") from None
+    dense = model.eval()
     config = copy.deepcopy(config) if config is not None else LUTConfig()
     if keep_ends_dense:
         config.exclude = list(config.exclude) + [n for n in ends_to_keep_dense(dense, config)
@@ -352,72 +355,35 @@ def default_input_size(model: nn.Module) -> tuple[int, ...]:
 
 
 def profile_pair(
-    model_name: str,
+    model: str | nn.Module,
     config: LUTConfig | None = None,
     input_size: Sequence[int] | None = None,
     batch_size: int = 1,
     keep_ends_dense: bool = True,
+    name: str | None = None,
     **model_kwargs: Any,
 ) -> tuple[ModelProfile, ModelProfile]:
-    """Profiles of a timm model and of its LUT conversion on the same zero batch."""
-    dense, lut = dense_and_lut(model_name, config, keep_ends_dense, **model_kwargs)
+    """Profiles of a model (a module, or a timm name) and of its LUT conversion on the same zero batch."""
+    name = name or (model if isinstance(model, str) else type(model).__name__)
+    dense, lut = dense_and_lut(model, config, keep_ends_dense, **model_kwargs)
     size = tuple(input_size) if input_size else default_input_size(dense)
     x = torch.zeros(batch_size, *size)
-    return profile(dense, x, name=f"{model_name} (dense)"), profile(lut, x, name=f"{model_name} (LUT)")
+    return profile(dense, x, name=f"{name} (dense)"), profile(lut, x, name=f"{name} (LUT)")
 
 
 # -- CLI -------------------------------------------------------------------------------
-@dataclass
-class FileConfig:
-    """What ``--config`` contributes: LUT settings and, from a run config, the model."""
-
-    lut: LUTConfig
-    model_name: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    input_size: tuple[int, ...] | None = None
-
-
-def load_config(path: str | Path) -> FileConfig:
-    """A YAML file holding LUTConfig keys at the top level, or a run config (``configs/*.yaml``)
-    whose ``lut:`` section holds them; its ``model.name``/``model.kwargs`` and
-    ``data.image_size`` (with ``model.kwargs.in_chans``, default 3) are used too."""
-    import yaml
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise LUTConfigError(f"{path}: cannot read config ({err.__class__.__name__}: {err})") from None
-    if not isinstance(data, dict):
-        raise LUTConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
-    if "lut" not in data:
-        return FileConfig(LUTConfig.from_dict(data, where=str(path)))
-    sections = {key: data.get(key) or {} for key in ("lut", "model", "data")}
-    for key, value in sections.items():
-        if not isinstance(value, dict):
-            raise LUTConfigError(f"{path}: {key!r} must be a mapping, got {value!r}")
-    model, size = sections["model"], sections["data"].get("image_size")
-    if model.get("source", "timm") != "timm":
-        raise LUTConfigError(f"{path}: model.source {model['source']!r}: lutnn.profile builds timm models only")
-    kwargs = dict(model.get("kwargs") or {})
-    return FileConfig(
-        LUTConfig.from_dict(sections["lut"], where=f"{path}: lut"),
-        model.get("name"),
-        kwargs,
-        (kwargs.get("in_chans", 3), size, size) if isinstance(size, int) else None,
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lutnn.profile",
-        description="MACs/FLOPs (thop + LUT rules) and inference size of a timm model, dense vs LUT.",
+        description="MACs/FLOPs (thop + LUT rules) and inference size of a timm or torchvision model, dense vs LUT.",
     )
-    parser.add_argument("--model", help="timm model name (built with pretrained=False); default: the config's")
+    parser.add_argument("--model", help="model name (built with random weights); default: the config's model.name")
+    parser.add_argument("--source", choices=["timm", "torchvision"], default=None,
+                        help="where --model comes from (default: the config's model.source, else timm)")
     parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
-                        help="input size (default: the model's pretrained_cfg, else 3 224 224)")
+                        help="input size (default: the config's data.image_size, the model's pretrained_cfg, "
+                             "else 3 224 224)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--config", help="YAML with LUTConfig keys, or a run config (its lut/model/data sections)")
+    parser.add_argument("--config", help="a run config (configs/*.yaml): its lut, model and data sections are used")
     parser.add_argument("--subvec-len", type=int, help="V (overrides the config)")
     parser.add_argument("--num-codebooks", type=int, help="C (overrides the config)")
     parser.add_argument("--num-prototypes", type=int, help="K (overrides the config)")
@@ -428,30 +394,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(args: argparse.Namespace) -> tuple[str, LUTConfig, tuple[int, ...] | None, dict[str, Any]]:
-    """Model name, LUT config, input size and model kwargs: command line over ``--config``."""
-    file = load_config(args.config) if args.config else FileConfig(LUTConfig())
-    name = args.model or file.model_name
-    if name is None:
+def _resolve(args: argparse.Namespace) -> tuple[str, nn.Module, LUTConfig, tuple[int, ...] | None]:
+    """Model, LUT config and input size: command line over ``--config`` (read by the pipeline's config reader)."""
+    from ..pipeline.config import ModelConfig, parse_config, read_config
+    from ..pipeline.models import create_model
+
+    raw = read_config(args.config) if args.config else {}
+    cfg = parse_config(raw, str(args.config or "<defaults>"))
+    try:
+        config = cfg.lut_config()
+    except LUTConfigError as err:
+        raise LUTConfigError(f"{args.config}: {err}") from None
+    file_model = isinstance(raw.get("model"), dict) and "name" in raw["model"]
+    from_file = file_model and args.model in (None, cfg.model.name)
+    if not from_file and args.model is None:
         raise ValueError("give --model NAME (or a --config with model.name)")
-    from_file = name == file.model_name
-    config = file.lut
+    model_cfg = cfg.model if from_file else ModelConfig(source=args.source or "timm", name=args.model)
+    if args.source:
+        model_cfg.source = args.source
+    try:
+        dense = create_model(model_cfg, num_classes=1000)
+    except Exception as err:  # noqa: BLE001 - third-party constructors raise anything
+        raise ValueError(f"--model {model_cfg.name!r}: {first_line(err)}") from None
     if args.subvec_len is not None or args.num_codebooks is not None:
         config.subvec_len = config.num_codebooks = None
     cli = {"subvec_len": args.subvec_len, "num_codebooks": args.num_codebooks, "num_prototypes": args.num_prototypes}
     changes = {k: v for k, v in cli.items() if v is not None}
     if changes:
         config = LUTConfig.from_dict({**vars(config), **changes}, where="command line")
-    input_size = args.input_size or (file.input_size if from_file else None)
-    return name, config, input_size, file.model_kwargs if from_file else {}
+    input_size = args.input_size
+    if input_size is None and from_file and "image_size" in (raw.get("data") or {}):
+        input_size = (cfg.model.kwargs.get("in_chans", 3), cfg.data.image_size, cfg.data.image_size)
+    return model_cfg.name, dense, config, input_size
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name, input_size = args.model, args.input_size
     try:
-        name, config, input_size, kwargs = _resolve(args)
-        dense, lut = profile_pair(name, config, input_size, args.batch_size, not args.convert_all, **kwargs)
+        name, model, config, input_size = _resolve(args)
+        dense, lut = profile_pair(model, config, input_size, args.batch_size, not args.convert_all, name=name)
     except ValueError as err:  # LUTConfigError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2

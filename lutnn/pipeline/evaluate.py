@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .progress import progress
+from ..progress import progress
 
 if TYPE_CHECKING:
     from .train.distributed import DistEnv
