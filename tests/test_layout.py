@@ -81,3 +81,17 @@ def test_lutnn_command_lists_subcommands_and_rejects_unknown(capsys):
     assert all(f"  {name} " in listing for name in SUBCOMMANDS)
     assert main(["no-such"]) == 2
     assert "unknown subcommand 'no-such'" in capsys.readouterr().err
+
+
+def test_readme_layout_section_matches_the_tree():
+    readme = (PKG.parent / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    packages = sorted(p.parent.name for p in PKG.glob("*/__init__.py"))
+    assert all(f"{name}/" in block for name in packages), packages
+    for layer in ("pipeline", "tools"):
+        for module in (PKG / layer).glob("*.py"):
+            assert module.stem == "__init__" or module.stem in block, f"README layout misses lutnn/{layer}/{module.name}"
+    for script in PKG.parent.glob("*.py"):
+        assert script.name in block, f"README layout misses {script.name}"
+    for path in ("lutnn/pipeline/", "lutnn/tvm/", "lutnn/tools/", "docs/", "configs/", "scripts/setup.sh"):
+        assert (PKG.parent / path).exists(), path
