@@ -87,10 +87,10 @@ def best_splits(x: Tensor, buckets: Tensor, num_buckets: int, dims: Tensor) -> t
     bucket that cannot be split (fewer than two distinct values) gets ``+inf`` (all left) and
     its own SSE as loss.
 
-    Rows are sorted by ``(bucket, value)`` so each bucket is a contiguous run, and one prefix
-    sum gives every split's left and right sums ``L``, ``R``. A bucket's SSE after a split is
-    ``sum ||x||^2 - ||L||^2 / n_L - ||R||^2 / n_R``, so the best split maximises the last two
-    terms: a handful of ``[C, P, N, V]`` passes per level, no per-bucket loop.
+    Rows are sorted by ``(bucket, value)`` so each bucket is a contiguous run, and one segmented
+    prefix sum gives every split's left sum ``L`` (the right one is ``T - L``, ``T`` the bucket's
+    total). A bucket's SSE after a split is ``sum ||x||^2 - ||L||^2 / n_L - ||R||^2 / n_R``, so the
+    best split maximises the last two terms: four ``[C, P, N, V]`` passes per level, no per-bucket loop.
     """
     c, n, v = x.shape
     p, dev = dims.shape[1], x.device
@@ -99,20 +99,23 @@ def best_splits(x: Tensor, buckets: Tensor, num_buckets: int, dims: Tensor) -> t
     order = keys.argsort(dim=2, stable=True)
     order = order.gather(2, buckets.gather(1, order.view(c, -1)).view(c, p, n).argsort(dim=2, stable=True))
     key, bucket = keys.gather(2, order), buckets.gather(1, order.view(c, -1)).view(c, p, n)
-    rows = (order + torch.arange(c, device=dev).view(c, 1, 1) * n).reshape(-1)
-    left = x.reshape(c * n, v).index_select(0, rows).view(c, p, n, v).cumsum_(2)  # through sorted row i
-
     counts = _segment_sums(torch.ones_like(key), bucket, num_buckets)  # [C, P, B]
+    start = counts.cumsum(2) - counts  # each bucket's first sorted row
     total = _segment_sums(x, buckets, num_buckets)  # [C, B, V], the same for every candidate
-    before = total.cumsum(1) - total  # prefix sum before each bucket's first row
-    flat = (bucket + torch.arange(c, device=dev).view(c, 1, 1) * num_buckets).reshape(-1)
-    bounds = torch.cat([before, total], 2).view(-1, 2 * v).index_select(0, flat).view(c, p, n, 2 * v)
-    left.sub_(bounds[..., :v])  # split after sorted row i: left = the bucket's rows up to i
-    right = bounds[..., v:].sub_(left)
-    start = (counts.cumsum(2) - counts).gather(2, bucket)
-    n_left = torch.arange(1, n + 1, device=dev, dtype=torch.float64) - start
+    # segmented prefix sums: at each bucket's first row subtract the previous bucket's total (the
+    # running sum there; empty buckets add zero at their successor's row), then one cumsum
+    xs = x.reshape(c * n, v).index_select(0, (order + torch.arange(c, device=dev).view(c, 1, 1) * n).reshape(-1))
+    first_row = (start.long().clamp_max(n - 1) + torch.arange(c * p, device=dev).view(c, p, 1) * n).reshape(-1)
+    previous = torch.cat([total.new_zeros(c, 1, v), total[:, :-1]], 1)  # [C, B, V]
+    shift = previous.unsqueeze(1).expand(c, p, num_buckets, v).reshape(-1, v)
+    left = xs.index_add_(0, first_row, shift, alpha=-1).view(c, p, n, v).cumsum_(2)  # split after sorted row i
+    # ||R||^2 = ||T||^2 - 2 L.T + ||L||^2 with T the bucket's total: no per-row copy of T
+    left_sq = torch.linalg.vector_norm(left, dim=3) ** 2
+    left_t = (left @ total.transpose(1, 2).unsqueeze(1)).gather(3, bucket.unsqueeze(3)).squeeze(3)
+    right_sq = (total * total).sum(2).gather(1, bucket.view(c, -1)).view(c, p, n) - 2 * left_t + left_sq
+    n_left = torch.arange(1, n + 1, device=dev, dtype=torch.float64) - start.gather(2, bucket)
     n_right = counts.gather(2, bucket) - n_left
-    gain = left.square_().sum(3).div_(n_left) + right.square_().sum(3).div_(n_right.clamp_min(1))
+    gain = left_sq / n_left + right_sq / n_right.clamp_min(1)
     valid = torch.zeros_like(gain, dtype=torch.bool)
     valid[..., :-1] = (bucket[..., 1:] == bucket[..., :-1]) & (key[..., 1:] > key[..., :-1])
     gain = gain.masked_fill(~valid, float("-inf"))
