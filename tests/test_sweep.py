@@ -54,7 +54,7 @@ def test_layers_sweep_writes_one_row_per_layer_setting_and_method(run):
 def test_suggest_picks_the_largest_saving_within_budget_and_loads():
     def result(name, variant, k, drop, saved):
         return LayerResult(name, "Linear", "32x32", f"K={k}", variant, 8, k, 4, "kmeans", 1000, saved, 0.1,
-                           90.0 - drop, drop)
+                           90.0 - drop, drop, 0.1)
 
     results = [result("a", 0, 8, 0.5, 500), result("a", 1, 4, 2.0, 700),
                result("b", 0, 8, 1.0, 400), result("b", 1, 4, -0.2, 300),
@@ -135,3 +135,17 @@ def test_bad_input_is_one_line(run, capsys):
     _, path = run
     assert main(["progressive", "--config", str(path), "--group", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --group and --epochs must be >= 1"
+
+
+def test_sensitivity_order_uses_the_configs_setting(tmp_path):
+    from types import SimpleNamespace
+
+    from lutnn.tools.sweep import progressive_order
+
+    rows = [{"name": n, "method": "kmeans", "variant": v, "drop": d}
+            for n, v, d in (("a", 0, 2.0), ("a", 1, -1.0), ("b", 0, 0.5), ("b", 1, 3.0), ("c", 0, 0.5))]
+    rows.append({"name": "a", "method": "maddness", "variant": 0, "drop": -5.0})
+    (tmp_path / "layers.json").write_text(json.dumps({"layers": rows}))
+    setup = SimpleNamespace(out=tmp_path, names=["a", "b", "c"])
+    assert progressive_order(setup, "sensitivity") == ["b", "c", "a"]  # least sensitive first, ties in model order
+    assert progressive_order(setup, "front") == ["a", "b", "c"]

@@ -450,7 +450,8 @@ def progressive_order(setup: Setup, order: str) -> list[str]:
     path = setup.out / "layers.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: --order sensitivity needs the layers sweep first (lutnn sweep layers)")
-    drops = {r["name"]: r["drop"] for r in json.loads(path.read_text())["layers"] if r["method"] == "kmeans"}
+    drops = {r["name"]: r["drop"] for r in json.loads(path.read_text())["layers"]
+             if r["method"] == "kmeans" and r["variant"] == 0}  # at the config's own setting
     missing = [n for n in setup.names if n not in drops]
     if missing:
         raise ValueError(f"{path}: no k-means result for layers {missing}; re-run lutnn sweep layers")
@@ -464,6 +465,7 @@ def step_model(setup: Setup, replaced: Sequence[str]) -> nn.Module:
 
 def sweep_progressive(setup: Setup, order: Sequence[str], group: int, epochs: int) -> list[dict[str, Any]]:
     """Replace ``group`` layers per step (k-means on the current model's inputs), retrain ``epochs``."""
+    from ..pipeline.data import set_epoch
     from ..pipeline.train import FitPaths, fit, load_checkpoint
 
     pipe, cfg = setup.pipe, setup.pipe.cfg
@@ -473,11 +475,11 @@ def sweep_progressive(setup: Setup, order: Sequence[str], group: int, epochs: in
         replaced, new = order[: lo + group], order[lo: lo + group]
         step_dir = setup.out / "progressive" / f"step_{s:02d}"
         done = step_dir / "result.json"
-        current = step_model(setup, replaced)
         if done.is_file():
             steps.append(json.loads(done.read_text()))
             model = None
             continue
+        current = step_model(setup, replaced)
         step_dir.mkdir(parents=True, exist_ok=True)
         last = step_dir / "last.pt"
         if model is None and s > 1:  # resumed: the previous step's retrained weights
@@ -487,11 +489,8 @@ def sweep_progressive(setup: Setup, order: Sequence[str], group: int, epochs: in
             unexpected = current.load_state_dict(model.state_dict(), strict=False).unexpected_keys
             if unexpected:
                 raise RuntimeError(f"step {s}: previous step's weights do not fit: {unexpected[:4]}")
-        init_top1 = None
-        if not last.is_file():
+        if not last.is_file():  # as Pipeline.calibration_rows, for the new layers only
             batches = pipe.loader(True)
-            from ..pipeline.data import set_epoch
-
             set_epoch(batches, 0, cfg.seed)
             rows = capture_rows(current, batches, cfg.init.max_rows, min(cfg.init.num_batches, len(batches)),
                                 cfg.seed, setup.device, names=new)
