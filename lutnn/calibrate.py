@@ -48,13 +48,22 @@ def capture_rows(
     num_batches: int | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
+    names: Iterable[str] | None = None,
 ) -> dict[str, Tensor]:
     """Input rows ``[N <= max_rows, D]`` of every LUT layer, sampled uniformly per batch.
 
     Memory stays bounded: each batch contributes at most ``ceil(max_rows / num_batches)``
     rows per layer (all rows when ``num_batches`` is unknown, then a final subsample).
+    ``names`` restricts capture to those LUT layers; only they run dense, the others keep
+    their mode (progressive replacement calibrates new layers behind already-replaced ones).
     """
     layers = lut_layers(model)
+    if names is not None:
+        wanted = list(names)
+        unknown = sorted(set(wanted) - set(layers))
+        if unknown:
+            raise KeyError(f"not LUT layers of the model: {unknown}")
+        layers = {n: layers[n] for n in wanted}
     if not layers:
         raise ValueError("model has no LUT layers; run lutnn.convert_ first")
     gen = torch.Generator().manual_seed(seed)

@@ -39,6 +39,27 @@ def _resolve_padding(padding, kernel_size, dilation) -> tuple[int, int]:
     return _pair(padding)
 
 
+def default_conv_subvec_len(in_channels: int, kernel_size: tuple[int, int]) -> int:
+    """One input channel's ``kh*kw`` patch; 1x1 convs default like linear layers."""
+    kh, kw = kernel_size
+    return kh * kw if kh * kw > 1 else default_subvec_len(in_channels)
+
+
+def im2col(x: Tensor, kernel_size: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
+           stride: tuple[int, int]) -> Tensor:
+    """Receptive fields of ``x [B, Cin, H, W]`` as rows ``[B * Hout * Wout, Cin * kh * kw]``."""
+    patches = F.unfold(x, kernel_size, dilation, padding, stride)  # [B, D, L]
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def conv_output_size(h: int, w: int, kernel_size: tuple[int, int], dilation: tuple[int, int],
+                     padding: tuple[int, int], stride: tuple[int, int]) -> tuple[int, int]:
+    return tuple(
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip((h, w), padding, dilation, kernel_size, stride)
+    )
+
+
 class LUTConv2d(LUTBase):
     """``nn.Conv2d`` (groups=1) whose im2col matmul is a table lookup."""
 
@@ -63,7 +84,7 @@ class LUTConv2d(LUTBase):
         self.padding = _resolve_padding(padding, self.kernel_size, self.dilation)
         kh, kw = self.kernel_size
         if num_codebooks is None and subvec_len is None:
-            subvec_len = kh * kw if kh * kw > 1 else default_subvec_len(in_channels)
+            subvec_len = default_conv_subvec_len(in_channels, self.kernel_size)
         super().__init__(
             in_channels * kh * kw, out_channels, num_codebooks, subvec_len, num_prototypes,
             init_temperature, device, dtype,
@@ -87,15 +108,11 @@ class LUTConv2d(LUTBase):
         return self.weight.reshape(self.out_channels, -1)
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
-        return tuple(
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, p, d, k, s in zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride)
-        )
+        return conv_output_size(h, w, self.kernel_size, self.dilation, self.padding, self.stride)
 
     def rows(self, x: Tensor) -> Tensor:
         """im2col patches as ``[B * Hout * Wout, D]`` rows (what calibration captures)."""
-        patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [B, D, L]
-        return patches.transpose(1, 2).reshape(-1, self.in_features)
+        return im2col(x, self.kernel_size, self.dilation, self.padding, self.stride)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
