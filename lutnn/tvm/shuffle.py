@@ -57,6 +57,15 @@ def shuffle_kernels(spec: LookupSpec, target: Target) -> list[str]:
     return [name for name, (feats, _) in SHUFFLE_KERNELS.items() if cpu_has(target, *feats)]
 
 
+def inner_loop_steps(spec: LookupSpec, kernel: str) -> int:
+    """Shuffle groups the kernel's inner loop runs: (row vectors) x columns x codebook groups
+    (4 codebooks for ``vpermb512``: vpermb + vpdpbusd; 2 for ``pshufb*``: per codebook
+    vpshufb + shift + 2 adds, one packed code load)."""
+    rows = SHUFFLE_KERNELS[kernel][1]
+    group = 4 if kernel == "vpermb512" else 2
+    return -(-spec.n // rows) * spec.m * -(-spec.c // group)
+
+
 def col_choices(spec: LookupSpec) -> list[int]:
     return [c for c in COL_CHOICES if spec.m % c == 0] or [1]
 

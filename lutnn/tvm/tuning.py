@@ -148,7 +148,16 @@ class LookupKernel:
     def prepare_table(self, table) -> np.ndarray:
         return prepare_table(np.asarray(table), self.knobs.kernel)
 
+    @property
+    def table_shape(self) -> tuple[int, ...]:
+        """Shape of the table argument this kernel reads."""
+        c, k, m = self.spec.c, self.spec.k, self.spec.m
+        return {"gather": (c, k, m), "vpermb512": (m, -(-c // 4), 4 * k)}.get(self.kernel, (m, c + c % 2, k))
+
     def __call__(self, *args):
+        if tuple(args[1].shape) != self.table_shape:
+            raise ValueError(f"{self.spec.name} ({self.kernel} kernel): table shape {tuple(args[1].shape)}, "
+                             f"expected {self.table_shape}; pass kernel.prepare_table(table)")
         return self.fn(*args)
 
 
