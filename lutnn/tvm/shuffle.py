@@ -106,6 +106,20 @@ def shuffle_func(spec: LookupSpec, kernel: str, cols: int) -> tirx.PrimFunc:
     raise ValueError(f"unknown shuffle kernel {kernel!r}")
 
 
+def _scaled(acc: tirx.PrimExpr, lanes: int, scale: tirx.Buffer, bias: tirx.Buffer, col) -> tirx.PrimExpr:
+    """``scale[col] * acc + bias[col]`` for a vector of rows: the gather kernel's float ops."""
+    return T.Cast(f"float32x{lanes}", acc) * T.broadcast(scale[col], lanes) + T.broadcast(bias[col], lanes)
+
+
+def _rows_major(vectors: list[tirx.PrimExpr], lanes: int, interleave: int, cols: int) -> tirx.PrimExpr:
+    """One row-major ``[rows, cols]`` tile from per-column vectors over rows, as a single shuffle
+    (LLVM lowers it to in-register permutes). ``vectors[e * cols + j]`` holds column ``j`` of
+    rows ``interleave * i + e`` (pshufb: even / odd rows in separate vectors)."""
+    rows = lanes * interleave
+    return tirx.Shuffle(vectors, [((r % interleave) * cols + j) * lanes + r // interleave
+                                  for r in range(rows) for j in range(cols)])
+
+
 def _pshufb(spec: LookupSpec, rows: int, cols: int) -> tirx.PrimFunc:
     n, c, m = spec.n, spec.c, spec.m
     cp = c + c % 2
@@ -174,12 +188,9 @@ def _pshufb(spec: LookupSpec, rows: int, cols: int) -> tirx.PrimFunc:
                         acc[0, j, lanes(0, half)] = acc[0, j, lanes(0, half)] + T.Cast(
                             i32, acc_all[j, lanes(0, half)] - (acc_hi[j, lanes(0, half)] << splat(T.uint16(8), half)))
                         acc[1, j, lanes(0, half)] = acc[1, j, lanes(0, half)] + T.Cast(i32, acc_hi[j, lanes(0, half)])
-                for e, j in T.grid(2, cols):
-                    # acc - 128 * cp: exact int32 sum of the signed table entries, then the
-                    # same scale * acc + bias as the gather kernel
-                    tile[T.ramp(e * cols + j, 2 * cols, half)] = T.Cast(
-                        f32, acc[e, j, lanes(0, half)] - splat(T.int32(128 * cp), half)
-                    ) * splat(scale[mo * cols + j], half) + splat(bias[mo * cols + j], half)
+                tile[lanes(0, rows * cols)] = _rows_major(
+                    [_scaled(acc[e, j, lanes(0, half)] - splat(T.int32(128 * cp), half), half, scale, bias, mo * cols + j)
+                     for e in range(2) for j in range(cols)], half, 2, cols)
                 for r in range(rows):
                     if rb * rows + r < n:
                         y[rb * rows + r, lanes(mo * cols, cols)] = tile[lanes(r * cols, cols)]
@@ -227,9 +238,8 @@ def _vpermb(spec: LookupSpec, cols: int) -> tirx.PrimFunc:
                                 "int8x64", "llvm.x86.avx512.permvar.qi.512",
                                 table[mo * cols + j, q, lanes(0, 64)],
                                 T.reinterpret("int8x64", idx[rb, q, lanes(0, 64)])))
-                for j in range(cols):
-                    tile[T.ramp(j, cols, rows)] = T.Cast("float32x16", acc[j, lanes(0, rows)]) * T.broadcast(
-                        scale[mo * cols + j], rows) + T.broadcast(bias[mo * cols + j], rows)
+                tile[lanes(0, rows * cols)] = _rows_major(
+                    [_scaled(acc[j, lanes(0, rows)], rows, scale, bias, mo * cols + j) for j in range(cols)], rows, 1, cols)
                 for r in range(rows):
                     if rb * rows + r < n:
                         y[rb * rows + r, lanes(mo * cols, cols)] = tile[lanes(r * cols, cols)]
