@@ -64,11 +64,11 @@ class TuningDatabase:
                 raise ValueError(f"{self.path}: not a lutnn tuning database ({e})") from None
 
     def knobs(self, spec: KernelSpec, target: Target, gather_only: bool = False) -> Knobs | None:
-        """The tuned knobs; ``gather_only``: the best that read the plain ``[C, K, M]`` table."""
+        """The tuned knobs; ``gather_only``: for a lookup, the best that read the plain ``[C, K, M]`` table."""
         rec = self.records.get(workload_key(spec, target))
         if not rec:
             return None
-        if gather_only and rec["knobs"].get("kernel", "gather") != "gather":
+        if gather_only and isinstance(spec, LookupSpec) and rec["knobs"].get("kernel", "gather") != "gather":
             return Knobs(**rec["gather_knobs"]) if rec.get("gather_knobs") else None
         return Knobs(**rec["knobs"])
 
