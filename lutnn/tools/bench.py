@@ -249,7 +249,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tuning-dir", default=None, help="tuning database dir (default $LUTNN_TVM_CACHE)")
     ap.add_argument("--no-torch-lut", action="store_true", help="skip the (slow) PyTorch LUT layer")
     ap.add_argument("--out", default="bench_out", help="directory for bench.md and bench.png")
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                    help="wall time, or the thread's CPU time (for a loaded shared machine; needs --threads 1)")
     args = ap.parse_args(argv)
+    if args.clock == "thread":
+        if args.threads != 1:
+            ap.error("--clock thread counts the calling thread only: use it with --threads 1")
+        from ..tvm.tuning import CLOCK_ENV
+
+        os.environ[CLOCK_ENV] = "thread"
     for v in args.v:
         for d in args.d:
             if d % v:
@@ -260,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     threads = args.threads or torch.get_num_threads()
     header = (f"## LUT layer benchmark (K={args.k}, {threads} threads, {os.cpu_count()} CPUs, "
-              f"tune trials {args.tune_trials})\n")
+              f"tune trials {args.tune_trials}, {args.clock} clock)\n")
     md = to_markdown(rows, header)
     (out / "bench.md").write_text(md + "\n")
     plot(rows, out / "bench.png")
