@@ -2,6 +2,9 @@
 import pytest
 
 from lutnn.tools import bench
+from lutnn.tvm.kernels import LookupSpec
+from lutnn.tvm.shuffle import SHUFFLE_KERNELS, shuffle_kernels
+from lutnn.tvm.target import host_target
 
 
 def test_bench_subset_writes_markdown_and_png(tmp_path, monkeypatch, capsys):
@@ -15,6 +18,14 @@ def test_bench_subset_writes_markdown_and_png(tmp_path, monkeypatch, capsys):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[4]) > 0 and float(cells[6]) > 0 and float(cells[7]) > 0  # measured latencies
         assert cells[9].endswith("x") and float(cells[9][:-1]) > 0
+        assert float(cells[13]) > 0  # encode ms
+        assert cells[14] in ("gather", *SHUFFLE_KERNELS)  # int8 read-accumulate the layer used
+        gather_ms = float(cells[15].split(" / ")[0])
+        assert gather_ms > 0
+        if shuffle_kernels(LookupSpec(64, 32 // int(cells[2]), 16, 32, "int8"), host_target(1)):
+            assert cells[15].split(" (")[1].rstrip(")") in SHUFFLE_KERNELS
+            bound, reached = cells[16].split()
+            float(bound), float(reached.strip("(%)"))  # instruction bound ms and % of it reached
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in capsys.readouterr().out
 

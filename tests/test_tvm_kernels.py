@@ -27,7 +27,7 @@ def _run_encode(fn, x, p):
 
 def _run_lookup(fn, codes, table, bias, scale=None):
     y = tvm.runtime.empty((codes.shape[0], table.shape[2]), "float32", tvm.cpu())
-    args = [_tv(codes), _tv(table)] + ([_tv(scale)] if scale is not None else []) + [_tv(bias), y]
+    args = [_tv(codes), _tv(fn.prepare_table(table))] + ([_tv(scale)] if scale is not None else []) + [_tv(bias), y]
     fn(*args)
     return torch.from_numpy(y.numpy())
 
@@ -83,7 +83,7 @@ def test_every_tuning_knob_computes_the_same(dtype):
     sample = space[::7]
     assert {k.c_block for k in sample} == {0, 16, 32}  # register-resident y and codebook-blocked variants
     for knobs in sample:
-        got = _run_lookup(compile_kernel(scheduled(spec, TARGET, knobs), "k", TARGET), codes, table, bias, scale)
+        got = _run_lookup(build_kernel(spec, TARGET, knobs=knobs), codes, table, bias, scale)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=str(knobs))
 
 

@@ -6,9 +6,12 @@
 Per shape: median latency of the TVM LUT layer (encode + read-accumulate, fp32 and
 int8 tables), the PyTorch LUT layer (``embedding_bag`` lookup), and the PyTorch dense
 paths (fp32, bf16, dynamic int8); the ratio of each LUT layer to fp32 dense and to
-the fastest dense path measured in the same run; and the achieved table-read bandwidth
-(bytes of table rows read by the read-accumulate / its time). Writes ``bench.md`` and
-``bench.png`` into ``--out``.
+the fastest dense path measured in the same run; the achieved table-read bandwidth
+(bytes of table rows read by the read-accumulate / its time); and the int8 lookup split
+by kernel: gather vs in-register shuffle (:mod:`lutnn.tvm.shuffle`; the int8 layer uses
+the tuned/default choice) with the shuffle kernel's instruction bound (its inner loop's
+marginal cost per step measured on an L1-resident problem x the steps of this shape).
+Writes ``bench.md`` and ``bench.png`` into ``--out``.
 """
 from __future__ import annotations
 
@@ -34,6 +37,10 @@ class Row:
     k: int
     ms: dict[str, float] = field(default_factory=dict)  # method -> median latency
     lookup_ms: dict[str, float] = field(default_factory=dict)  # table dtype -> read-accumulate alone
+    encode_ms: float = 0.0
+    int8_kernel: str = "gather"  # read-accumulate the int8 layer uses (tuned or default)
+    int8_kernel_ms: dict[str, float] = field(default_factory=dict)  # "gather" / shuffle kernel name -> ms
+    shuffle_bound_ms: float | None = None  # instruction bound of the shuffle kernel on this shape
 
     @property
     def c(self) -> int:
@@ -59,7 +66,7 @@ def bench_shape(n: int, d: int, v: int, k: int, target, db, dense_ms: dict[str, 
                 seed: int = 0) -> Row:
     """Time every method on one shape (dense timings are shared across V)."""
     from ..tvm.kernels import EncodeSpec, LookupSpec
-    from ..tvm.tuning import build_kernel, random_inputs, time_kernel
+    from ..tvm.tuning import build_kernel, kernel_args, time_kernel
     import tvm
 
     row = Row(n, d, v, k, ms=dict(dense_ms))
@@ -71,18 +78,65 @@ def bench_shape(n: int, d: int, v: int, k: int, target, db, dense_ms: dict[str, 
     enc = build_kernel(EncodeSpec(n, layer.num_codebooks, k, v), target, db)
     codes = tvm.runtime.empty((n, layer.num_codebooks), "uint8", dev)
     enc_args = [tv(x.numpy()), tv(p.transpose(1, 2).numpy()), tv(p.pow(2).sum(-1).numpy()), codes]
-    enc_ms = time_kernel(enc, enc_args)
+    row.encode_ms = time_kernel(enc, enc_args)
     for dtype in ("float32", "int8"):
         spec = LookupSpec(n, layer.num_codebooks, k, d, dtype)
-        args = [tv(a) for a in random_inputs(spec, seed)]
+        kernel = build_kernel(spec, target, db)
+        args = kernel_args(kernel, spec, seed)
         args[0] = codes
-        row.lookup_ms[dtype] = time_kernel(build_kernel(spec, target, db), args)
-        row.ms["tvm-lut-fp32" if dtype == "float32" else "tvm-lut-int8"] = enc_ms + row.lookup_ms[dtype]
+        row.lookup_ms[dtype] = time_kernel(kernel, args)
+        row.ms["tvm-lut-fp32" if dtype == "float32" else "tvm-lut-int8"] = row.encode_ms + row.lookup_ms[dtype]
+        if dtype == "int8":
+            row.int8_kernel = kernel.kernel
+            row.int8_kernel_ms, row.shuffle_bound_ms = int8_kernels(spec, target, db, codes)
     if torch_lut:
         with torch.no_grad():
             layer(x)
             row.ms["torch-lut"] = time_kernel(layer, [x])
     return row
+
+
+def int8_kernels(spec, target, db, codes) -> tuple[dict[str, float], float | None]:
+    """int8 read-accumulate time of the gather kernel and of the shuffle kernel (the tuned
+    one, else the default for this CPU), plus the shuffle kernel's instruction bound."""
+    from ..tvm.schedules import default_knobs, knob_space
+    from ..tvm.shuffle import shuffle_kernels
+    from ..tvm.tuning import build_kernel, kernel_args, time_kernel
+
+    chosen = db.knobs(spec, target)
+    gather = db.knobs(spec, target, gather_only=True) or default_knobs(spec, target, gather_only=True)
+    candidates = [gather]
+    names = shuffle_kernels(spec, target)
+    if names:
+        shuffle = chosen if chosen is not None and chosen.kernel != "gather" else next(
+            k for k in knob_space(spec, target) if k.kernel == names[0])
+        candidates.append(shuffle)
+    times = {}
+    for knobs in candidates:
+        kernel = build_kernel(spec, target, knobs=knobs)
+        args = kernel_args(kernel, spec)
+        args[0] = codes
+        times[knobs.kernel] = time_kernel(kernel, args)
+    return times, (shuffle_bound_ms(spec, target, candidates[1]) if names else None)
+
+
+def shuffle_bound_ms(spec, target, knobs) -> float:
+    """Instruction bound of a shuffle kernel on ``spec``: the marginal time per inner-loop step
+    (one shuffle group: a row vector x one column x 2 or 4 codebooks), measured as the time
+    difference between 64 and 192 codebooks on 1024 rows x 512 columns (a column tile's
+    tables, <= 12 KiB, stay in L1 across its 1024 rows), times the steps of ``spec``. The
+    difference cancels the per-output epilogue; code packing (~3% of a step) stays in."""
+    from ..tvm.kernels import LookupSpec
+    from ..tvm.shuffle import inner_loop_steps
+    from ..tvm.tuning import build_kernel, kernel_args, time_kernel
+
+    small = [LookupSpec(1024, c, spec.k, 512, "int8") for c in (64, 192)]
+    ms = []
+    for s in small:
+        kernel = build_kernel(s, target, knobs=knobs)
+        ms.append(time_kernel(kernel, kernel_args(kernel, s)))
+    per_step = (ms[1] - ms[0]) / (inner_loop_steps(small[1], knobs.kernel) - inner_loop_steps(small[0], knobs.kernel))
+    return per_step * inner_loop_steps(spec, knobs.kernel)
 
 
 def dense_timings(n: int, d: int, seed: int = 0) -> dict[str, float]:
@@ -123,8 +177,9 @@ def to_markdown(rows: list[Row], header: str = "") -> str:
     lines = [header] if header else []
     lines += [
         "| N | D=M | V | C | fp32 dense ms | best dense (ms) | TVM LUT fp32 ms | TVM LUT int8 ms | torch LUT ms "
-        "| fp32 dense / LUT fp32 | fp32 dense / LUT int8 | best dense / LUT int8 | table read GB/s fp32 / int8 |",
-        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| fp32 dense / LUT fp32 | fp32 dense / LUT int8 | best dense / LUT int8 | table read GB/s fp32 / int8 "
+        "| encode ms | int8 lookup used | int8 lookup ms: gather / shuffle | shuffle bound ms (% of it reached) |",
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|---|",
     ]
     for r in rows:
         best, best_ms = r.best_dense()
@@ -134,11 +189,26 @@ def to_markdown(rows: list[Row], header: str = "") -> str:
             f"| {r.ms['tvm-lut-fp32']:.3f} | {r.ms['tvm-lut-int8']:.3f} | {torch_lut} "
             f"| {r.ms['fp32'] / r.ms['tvm-lut-fp32']:.2f}x | {r.ms['fp32'] / r.ms['tvm-lut-int8']:.2f}x "
             f"| {best_ms / r.ms['tvm-lut-int8']:.2f}x "
-            f"| {r.bandwidth_gbs('float32'):.1f} / {r.bandwidth_gbs('int8'):.1f} |"
+            f"| {r.bandwidth_gbs('float32'):.1f} / {r.bandwidth_gbs('int8'):.1f} "
+            f"| {r.encode_ms:.3f} | {r.int8_kernel} | {_kernel_times(r)} | {_bound(r)} |"
         )
     lines.append("\nRatios > 1 mean the LUT layer (encode + read-accumulate) is faster. "
-                 "Dense paths: " + ", ".join(DENSE_PATHS) + " (PyTorch, same threads).")
+                 "Dense paths: " + ", ".join(DENSE_PATHS) + " (PyTorch, same threads). "
+                 "Shuffle bound: the shuffle kernel's inner-loop cost per step measured with its table tile "
+                 "in L1, times this shape's steps (docs/shuffle_kernel.md).")
     return "\n".join(lines)
+
+
+def _kernel_times(r: Row) -> str:
+    shuffle = [(k, ms) for k, ms in r.int8_kernel_ms.items() if k != "gather"]
+    return f"{r.int8_kernel_ms['gather']:.3f} / " + (f"{shuffle[0][1]:.3f} ({shuffle[0][0]})" if shuffle else "-")
+
+
+def _bound(r: Row) -> str:
+    if r.shuffle_bound_ms is None:
+        return "- (no shuffle kernel: K != 16 or no AVX2)"
+    shuffle_ms = next(ms for k, ms in r.int8_kernel_ms.items() if k != "gather")
+    return f"{r.shuffle_bound_ms:.3g} ({100 * r.shuffle_bound_ms / shuffle_ms:.0f}%)"
 
 
 def plot(rows: list[Row], path: Path) -> None:
@@ -179,7 +249,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tuning-dir", default=None, help="tuning database dir (default $LUTNN_TVM_CACHE)")
     ap.add_argument("--no-torch-lut", action="store_true", help="skip the (slow) PyTorch LUT layer")
     ap.add_argument("--out", default="bench_out", help="directory for bench.md and bench.png")
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                    help="wall time, or the thread's CPU time (for a loaded shared machine; needs --threads 1)")
     args = ap.parse_args(argv)
+    if args.clock == "thread":
+        if args.threads != 1:
+            ap.error("--clock thread counts the calling thread only: use it with --threads 1")
+        from ..tvm.tuning import CLOCK_ENV
+
+        os.environ[CLOCK_ENV] = "thread"
     for v in args.v:
         for d in args.d:
             if d % v:
@@ -190,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     threads = args.threads or torch.get_num_threads()
     header = (f"## LUT layer benchmark (K={args.k}, {threads} threads, {os.cpu_count()} CPUs, "
-              f"tune trials {args.tune_trials})\n")
+              f"tune trials {args.tune_trials}, {args.clock} clock)\n")
     md = to_markdown(rows, header)
     (out / "bench.md").write_text(md + "\n")
     plot(rows, out / "bench.png")

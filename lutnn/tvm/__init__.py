@@ -2,16 +2,18 @@
 
 * :mod:`.kernels` — encode and read-accumulate as TVMScript PrimFuncs.
 * :mod:`.schedules` — hand schedules (and their tuning knobs), generic CPU fallback.
-* :mod:`.tuning` — knob search with a JSON database reused across runs.
+* :mod:`.shuffle` — in-register (vpshufb / vpermb) int8 read-accumulate for K=16.
+* :mod:`.encode_rows` — encode with rows in lanes and an in-register transpose.
+* :mod:`.tuning` — knob search (gather vs shuffle included) with a JSON database reused across runs.
 * :mod:`.relax_model` — whole-model compile via ``relax.frontend.torch.from_exported_program``.
 
 The demo comparing a run's LUT model with dense baselines is :mod:`lutnn.tools.demo`.
 """
 from .kernels import EncodeSpec, LookupSpec
 from .target import host_target
-from .tuning import TuningDatabase, build_kernel, default_tuning_dir, tune_kernels
+from .tuning import LookupKernel, TuningDatabase, build_kernel, default_tuning_dir, tune_kernels
 
 __all__ = [
-    "EncodeSpec", "LookupSpec", "TuningDatabase", "build_kernel", "default_tuning_dir", "host_target",
+    "EncodeSpec", "LookupKernel", "LookupSpec", "TuningDatabase", "build_kernel", "default_tuning_dir", "host_target",
     "tune_kernels",
 ]

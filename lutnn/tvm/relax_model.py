@@ -27,7 +27,7 @@ from tvm.target import Target
 from ..layers import LUTConv2d, LUTLinear
 from ..layers import functional as LF
 from .kernels import KERNEL_ATTR, EncodeSpec, KernelSpec, LookupSpec
-from .schedules import schedule_generic, scheduled
+from .schedules import default_knobs, schedule_generic, scheduled
 from .tuning import TuningDatabase
 
 
@@ -89,7 +89,10 @@ class _LUTConverter:
 
     def _gvar(self, importer, spec: KernelSpec) -> tvm.ir.GlobalVar:
         if spec not in self.kernels:
-            func = scheduled(spec, self.target, self.db.knobs(spec, self.target) if self.db else None)
+            # the model's tables stay in the plain [C, K, M] layout, which gather kernels read
+            knobs = (self.db.knobs(spec, self.target, gather_only=True) if self.db else None) or default_knobs(
+                spec, self.target, gather_only=True)
+            func = scheduled(spec, self.target, knobs)
             # already scheduled, never fused into neighbours (op_pattern 8 = kOpaque)
             func = func.with_attrs({"global_symbol": spec.name, "op_pattern": 8})
             self.kernels[spec] = importer.block_builder.add_func(func, spec.name)

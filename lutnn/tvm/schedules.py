@@ -5,7 +5,9 @@ Read-accumulate: a ``rows x cols`` tile of ``y`` lives in vector registers while
 loop over codebooks ``c`` reads table rows ``T[c, code, m-tile]`` (contiguous in ``m``);
 the outer loop runs over column tiles so one column slice of the table stays in cache
 for every row; column x row tiles are split across threads. ``knob_space`` lists the
-tile sizes tuning may choose from (:mod:`lutnn.tvm.tuning`).
+tile sizes tuning may choose from (:mod:`lutnn.tvm.tuning`). For int8 tables with K=16
+the space also holds the in-register shuffle kernels the target's CPU supports
+(:mod:`lutnn.tvm.shuffle`, knob ``kernel``), so tuning picks gather or shuffle per shape.
 """
 from __future__ import annotations
 
@@ -16,13 +18,18 @@ from tvm import tirx
 from tvm.s_tir import Schedule, ScheduleError
 from tvm.target import Target
 
+from .encode_rows import KERNEL as ENCODE_ROWS_KERNEL
+from .encode_rows import encode_rows_func
 from .kernels import EncodeSpec, KernelSpec, LookupSpec, kernel_func
+from .shuffle import col_choices, shuffle_func, shuffle_kernels
 from .target import simd_bytes
 
 ROW_CHOICES = (1, 2, 4, 6, 8)
 VECTORS_PER_TILE = (1, 2, 3, 4, 6, 8)
 C_TILE_CHOICES = (1, 2, 4)
 C_BLOCK_CHOICES = (0, 16, 32)
+# Shuffle kernels used untuned, where the CPU has them (measured faster than gather, docs/shuffle_kernel.md)
+DEFAULT_SHUFFLE = ("vpermb512",)
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,9 @@ class Knobs:
     c_block: int = 0  # lookup: codebooks per pass over y (0 = all: y tile stays in registers)
     c_tile: int = 1  # encode, k-vectorised: codebooks per parallel step
     enc_rows: int = 0  # encode: rows per vector (n-vectorised); 0 = vectorise over k instead
+    # lookup: "gather" (table rows from memory) or a shuffle.SHUFFLE_KERNELS name;
+    # encode: "gather" (scheduled TIR) or encode_rows.KERNEL (rows in lanes, in-register transpose)
+    kernel: str = "gather"
 
 
 def _lanes(m: int, dtype_bytes: int, target: Target) -> int:
@@ -49,20 +59,29 @@ def _acc_lanes(spec: LookupSpec, target: Target) -> int:
 def knob_space(spec: KernelSpec, target: Target) -> list[Knobs]:
     if isinstance(spec, EncodeSpec):
         lanes = simd_bytes(target) // 4
+        xpose = [Knobs(enc_rows=r, kernel=ENCODE_ROWS_KERNEL) for r in (lanes, lanes // 2) if r >= 4]
         by_rows = [Knobs(enc_rows=r) for r in (lanes, 2 * lanes) if spec.n % r == 0]
-        return by_rows + [Knobs(c_tile=t) for t in C_TILE_CHOICES if spec.c % t == 0]
+        return xpose + by_rows + [Knobs(c_tile=t) for t in C_TILE_CHOICES if spec.c % t == 0]
     lanes = _acc_lanes(spec, target)
     cols = [lanes * v for v in VECTORS_PER_TILE if spec.m % (lanes * v) == 0] or [spec.m]
     rows = [r for r in ROW_CHOICES if r <= spec.n]
     blocks = [b for b in C_BLOCK_CHOICES if b < spec.c]
-    return [Knobs(rows=r, cols=c, c_block=b) for r, c, b in itertools.product(rows, cols, blocks)]
+    gather = [Knobs(rows=r, cols=c, c_block=b) for r, c, b in itertools.product(rows, cols, blocks)]
+    return gather + _shuffle_space(spec, target)
 
 
-def default_knobs(spec: KernelSpec, target: Target) -> Knobs:
+def _shuffle_space(spec: LookupSpec, target: Target) -> list[Knobs]:
+    return [Knobs(rows=0, cols=c, c_block=0, kernel=k) for k in shuffle_kernels(spec, target) for c in col_choices(spec)]
+
+
+def default_knobs(spec: KernelSpec, target: Target, gather_only: bool = False) -> Knobs:
     """~16 accumulator registers (4 rows x 4 vectors) and codebook blocks of 32 (16 for int8):
     measured faster than register-resident y for every D=768 shape on a Zen 3 (L1 32 KiB)."""
     if isinstance(spec, EncodeSpec):
-        return knob_space(spec, target)[0]  # rows in vector lanes when N allows (2-3x faster)
+        return knob_space(spec, target)[0]  # rows in vector lanes (2-3x faster than k in lanes)
+    shuffle = [k for k in _shuffle_space(spec, target) if k.kernel in DEFAULT_SHUFFLE]
+    if shuffle and not gather_only:
+        return shuffle[0]
     lanes = _acc_lanes(spec, target)
     space = knob_space(spec, target)
     cols = max((k.cols for k in space if k.cols <= 4 * lanes), default=space[0].cols)
@@ -171,6 +190,13 @@ def _encode_k_in_lanes(sch: Schedule, spec: EncodeSpec, target: Target, knobs: K
 def scheduled(spec: KernelSpec, target: Target, knobs: Knobs | None = None) -> tirx.PrimFunc:
     """The kernel scheduled with ``knobs`` (default: the untuned hand choice)."""
     knobs = knobs or default_knobs(spec, target)
+    if knobs.kernel == ENCODE_ROWS_KERNEL and isinstance(spec, EncodeSpec):
+        return encode_rows_func(spec, knobs.enc_rows)
+    if knobs.kernel != "gather":
+        if not isinstance(spec, LookupSpec) or knobs.kernel not in shuffle_kernels(spec, target):
+            raise ValueError(f"{spec.name}: kernel {knobs.kernel!r} needs int8 tables, K=16 and a CPU with "
+                             f"its SIMD features; target {target} does not qualify")
+        return shuffle_func(spec, knobs.kernel, knobs.cols)
     sch = Schedule(kernel_func(spec))
     if isinstance(spec, LookupSpec):
         schedule_lookup(sch, spec, target, knobs)

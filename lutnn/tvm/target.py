@@ -13,13 +13,18 @@ def host_target(num_threads: int | None = None) -> Target:
     return Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": int(cores)})
 
 
+def cpu_has(target: Target, *features: str) -> bool:
+    """Whether ``target``'s CPU (its ``mcpu`` and ``mattr``) has every LLVM feature named."""
+    with target:
+        return all(codegen.llvm_cpu_has_features(f, target) for f in features)
+
+
 def simd_bytes(target: Target) -> int:
     """Vector register width in bytes (64 with AVX-512, 32 with AVX2, else 16)."""
-    with target:
-        if codegen.llvm_cpu_has_features("avx512f", target):
-            return 64
-        if codegen.llvm_cpu_has_features("avx2", target):
-            return 32
+    if cpu_has(target, "avx512f"):
+        return 64
+    if cpu_has(target, "avx2"):
+        return 32
     return 16
 
 

@@ -1,10 +1,13 @@
 """Tuning of LUT kernel tile sizes with a reusable JSON database.
 
 The search space is the hand schedule's knobs (:func:`schedules.knob_space`: rows x
-columns held in registers for read-accumulate, codebooks per step for encode). Each
-candidate is built and timed in-process; the best knobs per workload (target CPU +
-kernel shape) go to ``<work_dir>/lutnn_tvm_tuning.json``. A workload already in the file
-is never tuned again, so a second call with the same shapes does no tuning.
+columns held in registers for read-accumulate, codebooks per step for encode) plus, for
+int8 K=16 tables, the shuffle kernels the CPU supports. Each candidate is built and
+timed in-process; the best knobs per workload (target CPU + kernel shape) go to
+``<work_dir>/lutnn_tvm_tuning.json``, with the best time of every kernel kind tried
+(``"kernels"``) and the best gather knobs (``"gather_knobs"``, for callers that need the
+plain ``[C, K, M]`` table layout). A workload already in the file is never tuned again,
+so a second call with the same shapes does no tuning.
 
 Why not ``meta_schedule.tune_tir``: in the installed apache-tvm 0.27.0.post1 serialising
 any TIR node (``tvm.ir.save_json``, used by MetaSchedule's JSON database and by its
@@ -19,8 +22,9 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tvm
@@ -28,12 +32,14 @@ from tvm import IRModule, tirx
 from tvm.target import Target
 
 from ..progress import progress
-from .kernels import EncodeSpec, KernelSpec
+from .kernels import EncodeSpec, KernelSpec, LookupSpec
 from .schedules import Knobs, default_knobs, knob_space, scheduled
+from .shuffle import prepare_table
 
 log = logging.getLogger(__name__)
 TUNING_DIR_ENV = "LUTNN_TVM_CACHE"
 DB_FILE = "lutnn_tvm_tuning.json"
+CLOCK_ENV = "LUTNN_CLOCK"
 
 
 def default_tuning_dir() -> Path:
@@ -58,14 +64,26 @@ class TuningDatabase:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{self.path}: not a lutnn tuning database ({e})") from None
 
-    def knobs(self, spec: KernelSpec, target: Target) -> Knobs | None:
+    def knobs(self, spec: KernelSpec, target: Target, gather_only: bool = False) -> Knobs | None:
+        """The tuned knobs; ``gather_only``: for a lookup, the best that read the plain ``[C, K, M]`` table."""
         rec = self.records.get(workload_key(spec, target))
-        return Knobs(**rec["knobs"]) if rec else None
+        if not rec:
+            return None
+        if gather_only and isinstance(spec, LookupSpec) and rec["knobs"].get("kernel", "gather") != "gather":
+            return Knobs(**rec["gather_knobs"]) if rec.get("gather_knobs") else None
+        return Knobs(**rec["knobs"])
 
-    def commit(self, spec: KernelSpec, target: Target, knobs: Knobs, latency_ms: float, trials: int) -> None:
+    def commit(self, spec: KernelSpec, target: Target, results: list[tuple[Knobs, float]], trials: int) -> None:
+        """Record the fastest of ``results`` (knobs, ms) plus the best time per kernel kind."""
+        knobs, ms = min(results, key=lambda r: r[1])
+        kernels: dict[str, float] = {}
+        for k, t in results:
+            kernels[k.kernel] = min(t, kernels.get(k.kernel, t))
+        gather = [r for r in results if r[0].kernel == "gather"]
         self.records[workload_key(spec, target)] = {
-            "spec": {"kind": spec.kind, **asdict(spec)}, "knobs": asdict(knobs),
-            "latency_ms": latency_ms, "trials": trials,
+            "spec": {"kind": spec.kind, **asdict(spec)}, "knobs": asdict(knobs), "latency_ms": ms,
+            "kernels": kernels, "trials": trials,
+            "gather_knobs": asdict(min(gather, key=lambda r: r[1])[0]) if gather else None,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
@@ -95,37 +113,93 @@ def compile_kernel(func: tirx.PrimFunc, name: str, target: Target):
     return tvm.compile(IRModule({name: func.with_attr("global_symbol", name)}), target=target)[name]
 
 
+def timer():
+    """Wall clock, or with ``LUTNN_CLOCK=thread`` the calling thread's CPU time: on a loaded
+    shared machine that leaves out the time other processes hold the core. Only meaningful
+    for single-threaded runs (work on other threads is not counted)."""
+    return time.thread_time if os.environ.get(CLOCK_ENV) == "thread" else time.perf_counter
+
+
 def time_kernel(fn, args: list, min_ms: float = 20.0, repeat: int = 5) -> float:
-    """Median milliseconds of ``fn(*args)`` (each repeat runs >= ``min_ms``)."""
+    """Median milliseconds of ``fn(*args)`` (each repeat runs >= ``min_ms``), by :func:`timer`."""
+    clock = timer()
     fn(*args)
-    start = time.perf_counter()
+    start = clock()
     fn(*args)
-    once = max(time.perf_counter() - start, 1e-6)
+    once = max(clock() - start, 1e-6)
     number = max(1, int(min_ms / 1e3 / once))
     samples = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         for _ in range(number):
             fn(*args)
-        samples.append((time.perf_counter() - start) / number * 1e3)
+        samples.append((clock() - start) / number * 1e3)
     return float(np.median(samples))
 
 
-def tune_kernel(spec: KernelSpec, target: Target, trials: int, seed: int = 0) -> tuple[Knobs, float]:
-    """Time the default knobs plus up to ``trials - 1`` other points of the knob space."""
+@dataclass(frozen=True)
+class LookupKernel:
+    """A compiled read-accumulate and the table layout it reads.
+
+    Call it like the kernel (``codes, table, [scale,] bias, y``) with ``table`` converted
+    once per layer by :meth:`prepare_table` (identity for gather kernels; the shuffle
+    kernels read a repacked table, :func:`lutnn.tvm.shuffle.prepare_table`).
+    """
+
+    fn: Any
+    spec: LookupSpec
+    knobs: Knobs
+
+    @property
+    def kernel(self) -> str:
+        return self.knobs.kernel
+
+    def prepare_table(self, table) -> np.ndarray:
+        return prepare_table(np.asarray(table), self.knobs.kernel)
+
+    @property
+    def table_shape(self) -> tuple[int, ...]:
+        """Shape of the table argument this kernel reads."""
+        c, k, m = self.spec.c, self.spec.k, self.spec.m
+        return {"gather": (c, k, m), "vpermb512": (m, -(-c // 4), 4 * k)}.get(self.kernel, (m, c + c % 2, k))
+
+    def __call__(self, *args):
+        if tuple(args[1].shape) != self.table_shape:
+            raise ValueError(f"{self.spec.name} ({self.kernel} kernel): table shape {tuple(args[1].shape)}, "
+                             f"expected {self.table_shape}; pass kernel.prepare_table(table)")
+        return self.fn(*args)
+
+
+def kernel_args(kernel, spec: KernelSpec, seed: int = 0) -> list:
+    """Random arguments for ``kernel`` (a compiled encode or a :class:`LookupKernel`) as TVM tensors."""
+    args = random_inputs(spec, seed)
+    if isinstance(kernel, LookupKernel):
+        args[1] = kernel.prepare_table(args[1])
+    dev = tvm.cpu()
+    return [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args]
+
+
+def tune_kernel(spec: KernelSpec, target: Target, trials: int, seed: int = 0) -> list[tuple[Knobs, float]]:
+    """Time the default knobs, every shuffle kernel the CPU has, and other points of the knob
+    space up to ``trials`` in all; returns (knobs, ms) per candidate."""
     space = knob_space(spec, target)
     first = default_knobs(spec, target)
     rest = [k for k in space if k != first]
     random.Random(seed).shuffle(rest)
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(a, dev) for a in random_inputs(spec, seed)]
-    best: tuple[Knobs, float] | None = None
-    for knobs in [first, *rest][:max(trials, 1)]:
-        ms = time_kernel(compile_kernel(scheduled(spec, target, knobs), spec.name, target), args)
+    # one tile width per shuffle kernel always competes, so the choice gather vs shuffle is measured
+    one_per_kernel: dict[str, Knobs] = {}
+    for k in rest:
+        if k.kernel != first.kernel:
+            one_per_kernel.setdefault(k.kernel, k)
+    must = list(one_per_kernel.values())
+    others = [k for k in rest if k not in must]
+    results = []
+    for knobs in [first, *must, *others][:max(trials, len(must) + 1)]:
+        fn = build_kernel(spec, target, knobs=knobs)
+        ms = time_kernel(fn, kernel_args(fn, spec, seed))
         log.debug("%s %s: %.3f ms", spec.name, knobs, ms)
-        if best is None or ms < best[1]:
-            best = (knobs, ms)
-    return best
+        results.append((knobs, ms))
+    return results
 
 
 def tune_kernels(specs: list[KernelSpec], target: Target, work_dir: str | Path | None, trials: int,
@@ -135,12 +209,13 @@ def tune_kernels(specs: list[KernelSpec], target: Target, work_dir: str | Path |
     todo = [s for s in dict.fromkeys(specs) if db.knobs(s, target) is None]
     if trials > 0 and todo:
         for spec in progress(todo, desc=f"tuning {len(todo)} LUT kernels x {trials} trials"):
-            knobs, ms = tune_kernel(spec, target, trials, seed)
-            db.commit(spec, target, knobs, ms, trials)
+            db.commit(spec, target, tune_kernel(spec, target, trials, seed), trials)
     return db
 
 
-def build_kernel(spec: KernelSpec, target: Target, db: TuningDatabase | None = None):
-    """Compile one kernel with its tuned knobs if ``db`` has them, else the hand schedule."""
-    knobs = db.knobs(spec, target) if db is not None else None
-    return compile_kernel(scheduled(spec, target, knobs), spec.name, target)
+def build_kernel(spec: KernelSpec, target: Target, db: TuningDatabase | None = None, knobs: Knobs | None = None):
+    """Compile one kernel: ``knobs`` if given, else the tuned knobs if ``db`` has them, else
+    the hand default. Encode: the runtime function; lookup: a :class:`LookupKernel`."""
+    knobs = knobs or (db.knobs(spec, target) if db is not None else None) or default_knobs(spec, target)
+    fn = compile_kernel(scheduled(spec, target, knobs), spec.name, target)
+    return LookupKernel(fn, spec, knobs) if isinstance(spec, LookupSpec) else fn
