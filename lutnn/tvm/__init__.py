@@ -3,15 +3,17 @@
 * :mod:`.kernels` — encode and read-accumulate as TVMScript PrimFuncs.
 * :mod:`.schedules` — hand schedules (and their tuning knobs), generic CPU fallback.
 * :mod:`.tuning` — knob search with a JSON database reused across runs.
+* :mod:`.accelerate` — ``accelerate_(model)``: LUT layers of a PyTorch model run as TVM kernels.
 * :mod:`.relax_model` — whole-model compile via ``relax.frontend.torch.from_exported_program``.
 
 The demo comparing a run's LUT model with dense baselines is :mod:`lutnn.tools.demo`.
 """
+from .accelerate import AccelerateConfig, AccelerateReport, accelerate_, register_runner, unaccelerate_
 from .kernels import EncodeSpec, LookupSpec
 from .target import host_target
 from .tuning import TuningDatabase, build_kernel, default_tuning_dir, tune_kernels
 
 __all__ = [
-    "EncodeSpec", "LookupSpec", "TuningDatabase", "build_kernel", "default_tuning_dir", "host_target",
-    "tune_kernels",
+    "AccelerateConfig", "AccelerateReport", "EncodeSpec", "LookupSpec", "TuningDatabase", "accelerate_",
+    "build_kernel", "default_tuning_dir", "host_target", "register_runner", "tune_kernels", "unaccelerate_",
 ]
