@@ -174,6 +174,7 @@ def linear_runner(layer: LUTLinear, x_shape: tuple[int, ...], *, target: Target 
         look(codes, *tail, y)
         return y.view(out_shape)
 
+    run.codes = codes  # the last call's codes (for checks against the PyTorch encoder)
     return run
 
 
