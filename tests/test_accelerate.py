@@ -133,3 +133,26 @@ def test_unsupported_layers_stay_pytorch_with_a_warning_naming_them():
         with torch.no_grad():
             got = lut(x)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_model_quick_writes_markdown_and_png(tmp_path):
+    from lutnn.cli import main
+
+    assert main(["bench-model", "--quick", "--models", "deit_tiny_patch16_224", "--batch", "1", "--threads", "1",
+                 "--rows", "torch-fp32", "accelerate", "non-lut", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "bench_model.md").read_text()
+    assert "### deit_tiny_patch16_224, batch 1, 1 thread" in md
+    assert "| PyTorch dense fp32 (best dense) |" in md and "| 1.00x | 1.00x |" in md
+    assert "| PyTorch LUT + accelerate_ (TVM kernels) |" in md and "failed" not in md
+    assert (tmp_path / "bench_model.png").stat().st_size > 0
+
+
+def test_bench_model_reports_a_failed_row_with_its_reason():
+    from lutnn.tools.bench_model import Case, to_markdown
+
+    case = Case("resnet18", 1, 1, ms={"torch-fp32": 10.0, "ort-fp32": 5.0, "torch-lut": 20.0},
+                failed={"accelerate": "UserWarning: layer1.0.conv1: stays PyTorch: no TVM runner for LUTConv2d"})
+    md = to_markdown([case], "## t")
+    assert "| ONNX Runtime dense fp32 (best dense) | 5.00 | 1.00x | 2.00x |" in md
+    assert "| PyTorch LUT eager | 20.00 | 0.25x | 0.50x |" in md
+    assert "| PyTorch LUT + accelerate_ (TVM kernels) | failed: UserWarning: layer1.0.conv1" in md
