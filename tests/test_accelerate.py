@@ -78,6 +78,20 @@ def test_inference_mode_and_undo_restore_eager_forward():
         assert torch.equal(lut(x), ref)
 
 
+def test_deepcopy_of_an_accelerated_model_runs_its_own_tables():
+    lut = _lut_vit()
+    accelerate_(lut)
+    x = torch.randn(1, 3, 16, 16)
+    twin = copy.deepcopy(lut)
+    with torch.no_grad():
+        for layer in lutnn.lut_layers(twin).values():
+            layer.weight.mul_(2)
+        got = twin(x)
+        unaccelerate_(twin)
+        torch.testing.assert_close(got, twin(x), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(got, lut(x))
+
+
 def test_torch_compile_calls_the_custom_op():
     lut = _lut_vit(int8=True)
     x = torch.randn(3, 3, 16, 16)

@@ -14,6 +14,7 @@ Tensors go to the kernels as ``torch.Tensor`` (DLPack, zero copy).
 
 * Eval + lut mode only: in training (``ste``), ``soft`` or ``dense`` mode the eager forward runs.
 * ``torch.compile``: inside a traced graph the layer is one ``lutnn::accelerated_lut`` custom op.
+* ``copy.deepcopy`` of an accelerated model gives an accelerated copy with its own tables.
 * Tables are frozen when a shape is first seen and refrozen when prototypes, weight or the
   int8 tables change (checked by tensor version per call).
 """
@@ -22,10 +23,10 @@ from __future__ import annotations
 import importlib
 import itertools
 import math
+import types
 import warnings
 import weakref
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -242,13 +243,24 @@ def _(x: Tensor, handle: int) -> Tensor:
     return x.new_empty(output_shape(_LAYERS[handle].layer_ref(), tuple(x.shape)))
 
 
-def _forward(handle: int, x: Tensor) -> Tensor:
-    acc = _LAYERS[handle]
-    layer = acc.layer_ref()
+def _attach(layer: LUTBase, acc: _Accelerated) -> None:
+    handle = next(_next_handle)
+    _LAYERS[handle] = acc
+    weakref.finalize(layer, _LAYERS.pop, handle, None)
+    # a bound method: deepcopy rebinds it to the copy, which _forward then gives its own state
+    layer.forward = types.MethodType(_forward, layer)
+    layer._lutnn_accelerated = handle
+
+
+def _forward(layer: LUTBase, x: Tensor) -> Tensor:
     if layer.effective_mode() != "lut":
         return type(layer).forward(layer, x)
     if torch.compiler.is_compiling():
-        return torch.ops.lutnn.accelerated_lut(x, handle)
+        return torch.ops.lutnn.accelerated_lut(x, layer._lutnn_accelerated)
+    acc = _LAYERS[layer._lutnn_accelerated]
+    if acc.layer_ref() is not layer:  # a deep copy of an accelerated layer: same config, own tables
+        _attach(layer, replace(acc, layer_ref=weakref.ref(layer), runners={}, state=()))
+        acc = _LAYERS[layer._lutnn_accelerated]
     fn = acc.runners.get(x.shape) if acc.state == acc.state_of(layer) else None
     if fn is None:
         fn = acc.runner(layer, tuple(x.shape))
@@ -303,11 +315,7 @@ def accelerate_(model: nn.Module, config: AccelerateConfig | None = None) -> Acc
             report.skipped[name] = str(e)
             warnings.warn(f"{name}: stays PyTorch: {e}", stacklevel=2)
             continue
-        handle = next(_next_handle)
-        _LAYERS[handle] = _Accelerated(name, weakref.ref(layer), factory, target, db, config.tune_trials)
-        weakref.finalize(layer, _LAYERS.pop, handle, None)
-        layer.forward = partial(_forward, handle)
-        layer._lutnn_accelerated = handle
+        _attach(layer, _Accelerated(name, weakref.ref(layer), factory, target, db, config.tune_trials))
         report.accelerated.append(name)
     return report
 
