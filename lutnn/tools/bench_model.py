@@ -66,6 +66,7 @@ class Case:
     batch: int
     threads: int
     ms: dict[str, float] = field(default_factory=dict)
+    lut_kinds: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)  # row -> lut_time_by_kind
     failed: dict[str, str] = field(default_factory=dict)  # row -> reason
 
     def best_dense(self) -> tuple[str, float] | None:
@@ -176,8 +177,28 @@ def median_ms(fn: Callable[[Tensor], object], x: Tensor, min_ms: float, repeat: 
     return float(np.median(samples))
 
 
+def lut_time_by_kind(model: nn.Module, x: Tensor, clock: str = "wall", calls: int = 5) -> dict[str, tuple[int, float]]:
+    """In-model time of the LUT layers per kind (last name component, e.g. ``fc1``): kind ->
+    (layers, ms per forward), measured between forward pre- and post-hooks over ``calls`` forwards."""
+    now, spent, count, hooks = CLOCKS[clock], {}, {}, []
+    for name, layer in lut_layers(model).items():
+        kind = name.rsplit(".", 1)[-1]
+        count[kind] = count.get(kind, 0) + 1
+        hooks.append(layer.register_forward_pre_hook(lambda m, a: setattr(m, "_bench_t0", now())))
+        hooks.append(layer.register_forward_hook(
+            lambda m, a, o, kind=kind: spent.__setitem__(kind, spent.get(kind, 0.0) + now() - m._bench_t0)))
+    with torch.no_grad():
+        model(x)
+        spent.clear()
+        for _ in range(calls):
+            model(x)
+    for h in hooks:
+        h.remove()
+    return {k: (count[k], spent.get(k, 0.0) / calls * 1e3) for k in count}
+
+
 def run_case(name: str, batch: int, threads: int, rows: list[str], img_size: int, tune_trials: int,
-             tuning_dir: Path, min_ms: float, repeat: int, clock: str = "wall") -> Case:
+             tuning_dir: Path, min_ms: float, repeat: int, clock: str = "wall", breakdown: bool = False) -> Case:
     from ..tvm.target import set_num_threads
 
     torch.set_num_threads(threads)
@@ -191,6 +212,8 @@ def run_case(name: str, batch: int, threads: int, rows: list[str], img_size: int
             with torch.no_grad():
                 fn = build_row(row, dense, lut, x, threads, tune_trials, tuning_dir)
             case.ms[row] = median_ms(fn, x, min_ms, repeat, clock)
+            if breakdown and row in ("torch-lut", "accelerate"):
+                case.lut_kinds[row] = lut_time_by_kind(fn, x, clock)
         except Exception as e:  # noqa: BLE001 - a row that cannot run is reported, not fatal
             case.failed[row] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:160]
         print(f"  {name} b{batch} t{threads} {row}: "
@@ -216,6 +239,13 @@ def to_markdown(cases: list[Case], header: str) -> str:
             elif row in c.failed:
                 lines.append(f"| {label} | failed: {c.failed[row].replace('|', '/')} | - | - |")
         lines.append("")
+        for row, kinds in c.lut_kinds.items():
+            total = sum(ms for _, ms in kinds.values())
+            lines += [f"Where the time goes, {ROWS[row]}: LUT layers {total:.2f} ms of {c.ms[row]:.2f} ms "
+                      f"per forward (in the model, hooks around each layer)", "",
+                      "| LUT layer kind | layers | ms per forward |", "|---|---:|---:|"]
+            lines += [f"| {k} | {n} | {ms:.2f} |" for k, (n, ms) in kinds.items()]
+            lines.append("")
     lines.append("Speed-ups > 1 mean faster than the reference. \"non-LUT part alone\" is a diagnostic, "
                  "not a deployable row: the same LUT model with every LUT layer returning an empty tensor.")
     return "\n".join(lines)
@@ -228,7 +258,7 @@ def plot(cases: list[Case], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     shown = [r for r in ROWS if r != "non-lut" and any(r in c.ms for c in cases)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases) + 2) + 3, 4))
     width = 0.8 / max(len(shown), 1)
     xs = np.arange(len(cases))
     for i, row in enumerate(shown):
@@ -238,7 +268,7 @@ def plot(cases: list[Case], path: Path) -> None:
     ax.set_xticks(xs, [f"{c.model}\nb{c.batch} t{c.threads}" for c in cases], fontsize=7)
     ax.set_ylabel("speed-up over the best dense row")
     ax.set_title("Whole model latency on CPU (higher is faster)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -258,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=7, help="samples per row (the median is reported)")
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
                     help="wall time, or this thread's CPU time (1 thread only: robust on a busy machine)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the LUT layers inside the model per kind (qkv, fc1, ...) for the LUT rows")
     ap.add_argument("--quick", action="store_true", help=f"{QUICK_IMG}px images, one short sample set (smoke test)")
     ap.add_argument("--out", default="bench_model_out", help="directory for bench_model.md and bench_model.png")
     args = ap.parse_args(argv)
@@ -274,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     tuning_dir = Path(args.tuning_dir) if args.tuning_dir else out / "tvm_tuning"
     start = time.perf_counter()
     cases = [run_case(m, b, t, args.rows, args.img_size, args.tune_trials, tuning_dir, args.min_ms, args.repeat,
-                      args.clock) for m in args.models for t in threads for b in args.batch]
+                      args.clock, args.breakdown) for m in args.models for t in threads for b in args.batch]
     from ..tvm.target import host_target
 
     header = (f"## Whole-model latency ({args.img_size}px, int8 LUT tables, random weights; "
