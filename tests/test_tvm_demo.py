@@ -34,12 +34,13 @@ def test_demo_tiny_run(tiny_run, monkeypatch):
     text = demo.main(["--checkpoint", str(tiny_run), "--tune-trials", "2", "--batch-size", "16", "--threads", "1"])
     assert (tiny_run / "tvm_tuning" / "lutnn_tvm_tuning.json").is_file()
     lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    for name in ("PyTorch dense fp32", "PyTorch LUT", "TVM dense", "TVM LUT"):
+    for name in ("PyTorch dense fp32", "PyTorch LUT", "TVM dense", "TVM LUT, accelerate_", "TVM LUT, compile_model"):
         assert name in lines
-    # the compiled LUT model predicts what the PyTorch LUT model predicts
-    assert "argmax agreement 100.0%" in text
+    # the fastest TVM LUT path predicts what the PyTorch LUT model predicts
+    assert "fastest LUT path: TVM LUT, " in text and "argmax agreement 100.0%" in text
     top1 = lambda name: lines[name].split("|")[2].strip()  # noqa: E731
-    assert top1("TVM LUT") == top1("PyTorch LUT") and top1("TVM dense") == top1("PyTorch dense fp32")
+    assert top1("TVM LUT, accelerate_") == top1("TVM LUT, compile_model") == top1("PyTorch LUT")
+    assert top1("TVM dense") == top1("PyTorch dense fp32")
 
 
 def test_demo_missing_run_dir(tmp_path):

@@ -1,0 +1,173 @@
+"""accelerate_: a converted model whose LUT layers run TVM kernels equals the PyTorch LUT model."""
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import lutnn
+from lutnn.tvm import accelerate_, unaccelerate_
+from lutnn.tvm.accelerate import _LAYERS
+
+
+def _lut_vit(int8: bool = False) -> nn.Module:
+    """Tiny DeiT (17 tokens: N = 17 * batch exercises the encode's row tail) with real prototypes."""
+    torch.manual_seed(0)
+    vit = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=16, patch_size=4,
+                            embed_dim=32, depth=2, num_heads=2).eval()
+    lut, report = lutnn.convert(vit, lutnn.LUTConfig(subvec_len=4, include=["blocks.*"]))
+    assert len(report.converted) == 8
+    rows = lutnn.capture_rows(lut, [torch.randn(8, 3, 16, 16)], max_rows=64)
+    lutnn.init_prototypes(lut, rows, backend="torch", niter=3, seed=0)
+    if int8:
+        lutnn.quantize_tables_(lut, "output")
+    return lut.eval()
+
+
+def _record_codes(model: nn.Module, accelerated: bool) -> tuple[dict, list]:
+    """Hooks filling ``codes[name]``: the PyTorch encoder's codes of each layer input, or (accelerated)
+    the codes the TVM encode kernel wrote in that call."""
+    codes, hooks = {}, []
+    handles = {acc.name: acc for acc in _LAYERS.values()} if accelerated else {}
+
+    def hook(name, layer, args, _out):
+        if accelerated:
+            codes[name] = handles[name].runners[tuple(args[0].shape)].codes.clone()
+        else:
+            codes[name] = layer.encode(layer.rows(args[0]))
+
+    for name, layer in lutnn.lut_layers(model).items():
+        hooks.append(layer.register_forward_hook(lambda m, a, o, name=name: hook(name, m, a, o)))
+    return codes, hooks
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32-tables", "int8-tables"])
+def test_accelerated_vit_equals_pytorch_lut(int8):
+    lut = _lut_vit(int8)
+    acc = copy.deepcopy(lut)
+    report = accelerate_(acc)
+    assert len(report.accelerated) == 8 and not report.skipped
+    ref_codes, ref_hooks = _record_codes(lut, accelerated=False)
+    got_codes, got_hooks = _record_codes(acc, accelerated=True)
+    for batch in (1, 3, 8):
+        x = torch.randn(batch, 3, 16, 16)
+        with torch.no_grad():
+            got, ref = acc(x), lut(x)
+        assert got_codes.keys() == ref_codes.keys() and len(got_codes) == 8
+        for name in ref_codes:
+            assert torch.equal(got_codes[name], ref_codes[name]), f"{name} batch {batch}: codes differ"
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    for h in ref_hooks + got_hooks:
+        h.remove()
+
+
+def test_inference_mode_and_undo_restore_eager_forward():
+    lut = _lut_vit(int8=True)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = lut(x)
+    accelerate_(lut)
+    layers = lutnn.lut_layers(lut).values()
+    assert all("forward" in layer.__dict__ for layer in layers)
+    with torch.inference_mode():
+        torch.testing.assert_close(lut(x), ref, rtol=1e-4, atol=1e-4)
+    unaccelerate_(lut)
+    assert not any("forward" in layer.__dict__ for layer in layers)
+    with torch.no_grad():
+        assert torch.equal(lut(x), ref)
+
+
+def test_deepcopy_of_an_accelerated_model_runs_its_own_tables():
+    lut = _lut_vit()
+    accelerate_(lut)
+    x = torch.randn(1, 3, 16, 16)
+    twin = copy.deepcopy(lut)
+    with torch.no_grad():
+        for layer in lutnn.lut_layers(twin).values():
+            layer.weight.mul_(2)
+        got = twin(x)
+        unaccelerate_(twin)
+        torch.testing.assert_close(got, twin(x), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(got, lut(x))
+
+
+def test_torch_compile_calls_the_custom_op():
+    lut = _lut_vit(int8=True)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ref = lut(x)
+    accelerate_(lut)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lut, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref, rtol=1e-4, atol=1e-4)
+    op = torch.ops.lutnn.accelerated_lut
+    calls = [n for gm in graphs for n in gm.graph.nodes if n.target in (op, op.default)]
+    assert len(graphs) == 1 and len(calls) == 8
+
+
+def test_training_mode_uses_the_ste_path():
+    lut = _lut_vit()
+    acc = copy.deepcopy(lut)
+    accelerate_(acc)
+    lut.train(), acc.train()
+    x = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(1)
+    ref = lut(x)
+    torch.manual_seed(1)
+    got = acc(x)
+    torch.testing.assert_close(got, ref)
+    got.sum().backward()
+    assert acc.blocks[0].attn.qkv.prototypes.grad is not None
+
+
+def test_unsupported_layers_stay_pytorch_with_a_warning_naming_them():
+    class OtherLUT(lutnn.LUTLinear):
+        pass
+
+    lut = _lut_vit()
+    fc1 = lut.blocks[0].mlp.fc1
+    odd = OtherLUT(fc1.in_features, fc1.out_features, subvec_len=4)
+    odd.load_state_dict(fc1.state_dict())
+    lut.blocks[0].mlp.fc1 = odd.eval()
+    lut.blocks[1].attn.proj.quantize_tables("codebook")
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        ref = lut(x)
+    with pytest.warns(UserWarning, match=r"blocks\.0\.mlp\.fc1: stays PyTorch: no TVM runner for OtherLUT"):
+        report = accelerate_(lut)
+    assert list(report.skipped) == ["blocks.0.mlp.fc1"] and len(report.accelerated) == 7
+    with pytest.warns(UserWarning, match=r"blocks\.1\.attn\.proj: stays PyTorch for input shape .*'codebook'"):
+        with torch.no_grad():
+            got = lut(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_model_quick_writes_markdown_and_png(tmp_path):
+    from lutnn.cli import main
+
+    assert main(["bench-model", "--quick", "--models", "deit_tiny_patch16_224", "--batch", "1", "--threads", "1",
+                 "--rows", "torch-fp32", "accelerate", "non-lut", "--breakdown", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "bench_model.md").read_text()
+    assert "### deit_tiny_patch16_224, batch 1, 1 thread" in md
+    assert "| PyTorch dense fp32 (best dense) |" in md and "| 1.00x | 1.00x |" in md
+    assert "| PyTorch LUT + accelerate_ (TVM kernels) |" in md and "failed" not in md
+    assert "Where the time goes, PyTorch LUT + accelerate_" in md and "| fc2 | 12 |" in md
+    assert (tmp_path / "bench_model.png").stat().st_size > 0
+
+
+def test_bench_model_reports_a_failed_row_with_its_reason():
+    from lutnn.tools.bench_model import Case, to_markdown
+
+    case = Case("resnet18", 1, 1, ms={"torch-fp32": 10.0, "ort-fp32": 5.0, "torch-lut": 20.0},
+                failed={"accelerate": "UserWarning: layer1.0.conv1: stays PyTorch: no TVM runner for LUTConv2d"})
+    md = to_markdown([case], "## t")
+    assert "| ONNX Runtime dense fp32 (best dense) | 5.00 | 1.00x | 2.00x |" in md
+    assert "| PyTorch LUT eager | 20.00 | 0.25x | 0.50x |" in md
+    assert "| PyTorch LUT + accelerate_ (TVM kernels) | failed: UserWarning: layer1.0.conv1" in md
