@@ -4,13 +4,13 @@
 #   bash scripts/gpu_check.sh                        # every step; Markdown report + log under $OUT
 #   GPU_STEPS="setup tests" GPU_TESTS="tests/test_gpu_path.py tests/test_new.py" bash scripts/gpu_check.sh
 #
-# Steps (GPU_STEPS, in this order):
+# Steps (GPU_STEPS, run in the order given; by default setup tests kmeans trt train):
 #   setup   carried wheels (WHEELS/*.whl) -> pip --target SITE; libKMCUDA built from its sdist
 #           (WHEELS/libKMCUDA-*.tar.gz) in the background; versions of everything involved
 #   tests   the suite's GPU tests (GPU_TESTS: pytest files or node ids)
 #   kmeans  `lutnn kmeans-bench`: every engine on the same calibration rows of a converted DeiT-Tiny
-#   train   one epoch with AMP (bf16) on CUDA, the same under `torchrun --nproc_per_node=1` (NCCL), the
-#           same on the CPU, then `train.py --resume`; step times from the runs' history files
+#   train   teacher + LUT retraining with AMP (bf16) on CUDA, the LUT retraining under `torchrun
+#           --nproc_per_node=1` (NCCL) and on the CPU, then `train.py --resume`; step times from the history files
 #   trt     tensorrt_op.py dense + LUT at each batch size in TRT_BATCHES, and eager latency on the device
 # Without CUDA every step still runs (tests skip, CPU numbers, one-line errors): that is the dry run.
 # Each step is time-boxed and the whole script stops starting steps after BUDGET_S seconds.
@@ -24,15 +24,17 @@ OUT=${OUT:-$ROOT/gpu_check_out}
 WHEELS=${WHEELS:-$ROOT/.gpu/whl}
 SITE=${SITE:-/tmp/gpu_check_site}
 WORK=${WORK:-/tmp/gpu_check_work}
-BUDGET_S=${BUDGET_S:-270}
-GPU_STEPS=${GPU_STEPS:-setup tests kmeans train trt}
+BUDGET_S=${BUDGET_S:-300}
+GPU_STEPS=${GPU_STEPS:-setup tests kmeans trt train}
 GPU_TESTS=${GPU_TESTS:-tests/test_gpu_path.py tests/test_tensorrt_op.py tests/test_train.py::test_resume_continues_exactly \
 tests/test_kmeans_calibrate.py::test_auto_on_a_gpu_without_kmcuda_warns_in_one_line}
 KMEANS_CONFIG=${KMEANS_CONFIG:-configs/deit_tiny_digits.yaml}
+KMEANS_ENGINE_S=${KMEANS_ENGINE_S:-40}
 # full DeiT-Tiny (patch 16, 224x224, 12 blocks), random weights; digits upsampled as calibration input
 KMEANS_SET=${KMEANS_SET:-data.image_size=224 model.kwargs.img_size=224 model.kwargs.patch_size=16 data.train_limit=512}
 TRAIN_CONFIG=${TRAIN_CONFIG:-configs/deit_tiny_digits.yaml}
-TRAIN_SET=${TRAIN_SET:-teacher.epochs=1 train.epochs=1 init.backend=torch log.plot=false}
+# two epochs: the first of a process includes CUDA warm-up, the second is the step time to compare
+TRAIN_SET=${TRAIN_SET:-teacher.epochs=2 train.epochs=2 init.backend=torch log.plot=false}
 TRT_MODEL=${TRT_MODEL:-deit_tiny_patch16_224}
 TRT_BATCHES=${TRT_BATCHES:-1 32}
 TRT_REPEATS=${TRT_REPEATS:-50}
@@ -102,7 +104,7 @@ build_kmcuda() {  # libKMCUDA from its sdist with the local nvcc; the .so lands 
     done
     for f in "${pids[@]}"; do wait "$f" || rc=1; done
     ((rc == 0)) || { echo "compilation failed"; return 1; }
-    nvcc -shared -Xcompiler -fopenmp -o libKMCUDA.so ./*.o && cp libKMCUDA.so "$SITE/"
+    nvcc -shared -Xcompiler -fopenmp -o libKMCUDA.so ./*.o && cp libKMCUDA.so "$SITE/" && echo "built $SITE/libKMCUDA.so"
 }
 
 step_setup() {
@@ -205,21 +207,32 @@ step_tests() {
 }
 
 # ------------------------------------------------------------------------------------------ kmeans
-step_kmeans() {
-    local rc t0=$SECONDS engines="torch faiss"
+step_kmeans() {  # one process per engine, each time-boxed: a slow engine cannot cost the others their numbers
+    local rc t0=$SECONDS engines="torch faiss" e last notes=()
     wait_kmcuda
-    grep -q "kmcuda smoke: centroids" "$WORK/kmcuda_probe.out" 2>/dev/null && engines="torch faiss kmcuda"
+    grep -q "kmcuda smoke: centroids" "$WORK/kmcuda_probe.out" 2>/dev/null && engines="torch kmcuda faiss"
     mapfile -t extra < <(sets "$KMEANS_SET")
-    run kmeans 120 $PY -m lutnn kmeans-bench --config "$KMEANS_CONFIG" --set device=$DEV --set output_dir="$WORK/kmeans_run" \
-        "${extra[@]}" --backends $engines --output "$WORK/kmeans.md"
-    rc=$?
     md "## 3. k-means engines on the same calibration rows" "" \
-        "\`lutnn kmeans-bench --config $KMEANS_CONFIG --set device=$DEV $(printf '%s ' "${extra[@]}")--backends $engines\`" \
-        "(torch runs on the model's device; faiss on the CPU; kmcuda takes host arrays; per-layer times include" \
-        "host<->device copies, and the first layer of each engine its warm-up)." ""
-    if [ -s "$WORK/kmeans.md" ]; then md "$(cat "$WORK/kmeans.md")" ""; else md '```' "$(tail -20 "$WORK/kmeans.out")" '```' ""; fi
-    record "kmeans" "$(status_of $rc)" $((SECONDS - t0)) "$(grep -m1 'total / mean' "$WORK/kmeans.md" 2>/dev/null | tr -d '*' |
-        awk -F'|' -v e="$engines" '{n = split(e, a, " "); for (i = 1; i <= n; i++) printf "%s %s s, error %s; ", a[i], $(4 + 2 * i), $(5 + 2 * i)}')"
+        "\`lutnn kmeans-bench --config $KMEANS_CONFIG --set device=$DEV $(printf '%s ' "${extra[@]}")--backends ENGINE\`," \
+        "one process per engine ($KMEANS_ENGINE_S s each at most). Each captures the same rows (same seed, weights and" \
+        "batches; the bracketed random-prototype error, a function of the rows, matches across engines). torch runs on" \
+        "the model's device, faiss on the CPU, kmcuda on the GPU from host arrays; times include host<->device copies," \
+        "and the first layer's its warm-up." ""
+    for e in $engines; do
+        run "kmeans_$e" "$KMEANS_ENGINE_S" env -u LUTNN_NO_PROGRESS $PY -m lutnn kmeans-bench --config "$KMEANS_CONFIG" \
+            --set device=$DEV --set output_dir="$WORK/kmeans_run" "${extra[@]}" --backends "$e" --output "$WORK/kmeans_$e.md"
+        rc=$?
+        if [ -s "$WORK/kmeans_$e.md" ]; then
+            md "### $e" "" "$(cat "$WORK/kmeans_$e.md")" ""
+            notes+=("$(grep -m1 'total / mean' "$WORK/kmeans_$e.md" | tr -d '*' | awk -F'|' -v e="$e" '{printf "%s %s s, error %s", e, $6, $7}')")
+        else  # the last progress bar says how far it got (layer i of n)
+            last=$(tr '\r' '\n' <"$WORK/kmeans_$e.out" | grep -E 'k-means \(|calibration|Error' | tail -1 | cut -c1-120)
+            md "### $e" "" "$(status_of $rc) after $KMEANS_ENGINE_S s; last progress: \`${last:-none}\`" ""
+            notes+=("$e $(status_of $rc): ${last:-no progress}")
+        fi
+    done
+    record "kmeans" "$(printf '%s\n' "${notes[@]}" | grep -q 'timed out\|failed' && echo 'see notes' || echo ok)" \
+        $((SECONDS - t0)) "$(printf '%s; ' "${notes[@]}")"
 }
 
 # ------------------------------------------------------------------------------------------ train
@@ -276,7 +289,7 @@ EOF
     for f in train_amp train_ddp train_resume train_cpu; do
         [ -f "$WORK/$f.out" ] && md "<details><summary>$f (last lines)</summary>" "" '```' "$(tail -12 "$WORK/$f.out")" '```' '</details>' ""
     done
-    record "train" "$(grep -q 'failed\|timed out' <<<"${notes[*]}" && echo 'see notes' || echo ok)" $((SECONDS - t0)) "$(printf '%s; ' "${notes[@]}" | cut -c1-200)"
+    record "train" "$(grep -q 'failed\|timed out\|not run' <<<"${notes[*]}" && echo 'see notes' || echo ok)" $((SECONDS - t0)) "$(printf '%s; ' "${notes[@]}" | cut -c1-200)"
 }
 
 # ------------------------------------------------------------------------------------------ trt
