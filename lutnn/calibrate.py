@@ -132,7 +132,11 @@ def init_prototypes(
     niter: int = 25,
     seed: int = 0,
 ) -> list[InitReport]:
-    """k-means every LUT layer's codebooks on its captured ``rows`` and load the centroids."""
+    """k-means every LUT layer's codebooks on its captured ``rows`` and load the centroids.
+
+    Rows move to each layer's device first (:func:`capture_rows` keeps them on the CPU), so the
+    ``torch`` engine runs where the model is; ``faiss`` and ``kmcuda`` take host arrays either way.
+    """
     import time
 
     layers = lut_layers(model)
@@ -146,13 +150,16 @@ def init_prototypes(
         x = rows[name]
         if x.shape[1] != layer.in_features:
             raise ValueError(f"layer {name!r}: calibration rows have D={x.shape[1]}, layer expects {layer.in_features}")
-        xs = LF.split_subvectors(x, layer.num_codebooks).contiguous()  # [C, N, V]
+        # on the layer's device: the torch engine then clusters on the GPU a CUDA model sits on
+        xs = LF.split_subvectors(x.to(layer.prototypes.device), layer.num_codebooks).contiguous()  # [C, N, V]
         # reference: K random input sub-vectors as prototypes
         pick = torch.randint(x.shape[0], (layer.num_prototypes,), generator=gen)
         layer.prototypes.copy_(xs[:, pick].to(layer.prototypes))
         err_random = reconstruction_error(layer, x)
         start = time.perf_counter()
         centroids = kmeans(xs, layer.num_prototypes, niter=niter, seed=seed, backend=engine)
+        if centroids.is_cuda:
+            torch.cuda.synchronize(centroids.device)  # CUDA work is asynchronous: time it finished
         seconds = time.perf_counter() - start
         layer.prototypes.copy_(centroids.to(layer.prototypes))
         reports.append(InitReport(name, x.shape[0], engine, seconds, err_random, reconstruction_error(layer, x)))

@@ -8,13 +8,14 @@ Engines (``backend=``):
 * ``"faiss"``  — faiss-cpu's ``Kmeans``, one codebook at a time;
 * ``"torch"``  — batched Lloyd iterations over all codebooks at once in PyTorch;
 * ``"auto"``   — kmcuda when importable and a GPU is present, else faiss when installed,
-  else torch. The CPU order comes from ``lutnn kmeans-bench``: on the 2-core
+  else torch; on a CUDA machine without libKMCUDA it says so in a one-line warning. The CPU order comes from ``lutnn kmeans-bench``: on the 2-core
   development CPU faiss clustered DeiT-Tiny-width layers 1.3x faster than the batched
   torch engine at the same reconstruction error (torch's k-means++ seeding is a hair better).
 """
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -46,7 +47,12 @@ def available_backends() -> list[str]:
 def resolve_backend(backend: str) -> str:
     if backend == "auto":
         usable = available_backends()
-        return "kmcuda" if "kmcuda" in usable else next(b for b in CPU_PREFERENCE if b in usable)
+        if "kmcuda" in usable:
+            return "kmcuda"
+        fallback = next(b for b in CPU_PREFERENCE if b in usable)
+        if torch.cuda.is_available():  # a GPU machine where the authors' engine was expected
+            warnings.warn(f"k-means backend 'auto': libKMCUDA is not importable, using {fallback!r}", stacklevel=2)
+        return fallback
     if backend not in _BACKENDS:
         raise ValueError(f"unknown k-means backend {backend!r}; known: {sorted(_BACKENDS)} or 'auto'")
     if backend not in available_backends():

@@ -52,3 +52,31 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     assert ckpt["step"] == 2
     init = load_file(str(tmp_path / "run/prototypes.safetensors"))
     assert init and not all(torch.equal(v, ckpt["model"][k]) for k, v in init.items())  # they did train
+
+
+def test_torchrun_with_one_process_still_runs_ddp(tmp_path, monkeypatch):
+    """``torchrun --nproc_per_node=1`` starts the process group (NCCL on a GPU, gloo here) and wraps the
+    model in DDP, so one device runs the multi-GPU code path; a plain launch stays single-process."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lutnn.pipeline import Pipeline
+    from lutnn.pipeline.train import init_distributed, shutdown_distributed
+
+    monkeypatch.setenv("LUTNN_NO_PROGRESS", "1")
+    assert not init_distributed("cpu").distributed
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # what torchrun sets, besides the rank variables
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(key, value)
+    cfg = tiny_config(tmp_path / "run", data={"train_limit": 64, "batch_size": 32}, teacher={"epochs": 1})
+    try:
+        pipe = Pipeline(load_config(write_config(tmp_path / "cfg.yaml", cfg)))
+        assert pipe.env.distributed and (pipe.env.rank, pipe.env.world) == (0, 1)
+        assert dist.get_backend() == "gloo"
+        assert isinstance(pipe.env.wrap(torch.nn.Linear(2, 2)), DistributedDataParallel)
+        pipe.prepare()
+        pipe.stage_teacher()
+    finally:
+        shutdown_distributed()
+    assert torch.load(tmp_path / "run/checkpoints/teacher_last.pt", weights_only=True)["step"] == 2

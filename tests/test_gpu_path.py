@@ -137,3 +137,19 @@ def test_lut_model_runs_on_cuda_like_on_cpu(int8):
     assert out.is_cuda
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
     _assert_lookup_only(model, _record(model, x.cuda()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch)")
+def test_init_prototypes_runs_the_torch_engine_on_the_models_gpu(monkeypatch):
+    import importlib
+
+    km = importlib.import_module("lutnn.kmeans")  # the module; lutnn.kmeans is the function
+    seen = []
+    engine = km._BACKENDS["torch"]
+    monkeypatch.setitem(km._BACKENDS, "torch", lambda x, *a: seen.append(x.device.type) or engine(x, *a))
+    model = _model().cuda()
+    rows = lutnn.capture_rows(model, [torch.randn(16, 3, 8, 8) for _ in range(2)], device="cuda")
+    assert all(r.device.type == "cpu" for r in rows.values())  # captured rows live on the host
+    reports = lutnn.init_prototypes(model, rows, backend="torch", niter=10)
+    assert seen == ["cuda"] * len(reports) == ["cuda"] * 4
+    assert all(r.error_kmeans < r.error_random and r.seconds > 0 for r in reports)

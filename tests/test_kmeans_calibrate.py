@@ -1,4 +1,6 @@
 """k-means engines, activation capture and prototype initialisation on real data."""
+import warnings
+
 import pytest
 import timm
 import torch
@@ -55,6 +57,23 @@ def test_kmeans_errors():
     if "kmcuda" not in available_backends():
         with pytest.raises(RuntimeError, match="'kmcuda' is not usable here"):
             lutnn.kmeans(torch.randn(40, 4), 4, backend="kmcuda")
+
+
+def test_auto_on_a_gpu_without_kmcuda_warns_in_one_line(monkeypatch):
+    import importlib
+
+    km = importlib.import_module("lutnn.kmeans")  # the module; lutnn.kmeans is the function
+    find_spec = km.importlib.util.find_spec
+    monkeypatch.setattr(km.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(km.importlib.util, "find_spec", lambda name: None if name == "libKMCUDA" else find_spec(name))
+    with pytest.warns(UserWarning) as caught:
+        engine = km.resolve_backend("auto")
+    assert engine == next(b for b in km.CPU_PREFERENCE if b in km.available_backends())
+    assert [str(w.message) for w in caught] == [f"k-means backend 'auto': libKMCUDA is not importable, using {engine!r}"]
+    monkeypatch.setattr(km.torch.cuda, "is_available", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no GPU: falling back is the plan, not news
+        assert km.resolve_backend("auto") == engine
 
 
 def _trained(model: torch.nn.Module, digits, size: int, steps: int = 80) -> torch.nn.Module:

@@ -1,8 +1,9 @@
 """Single-process or ``torchrun`` multi-process execution behind one small interface.
 
-Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) the process group is started
-with NCCL on CUDA and gloo on CPU; otherwise everything is a no-op, so the same code runs
-both ways without changes.
+Under ``torchrun`` (``TORCHELASTIC_RUN_ID`` in the environment, or ``WORLD_SIZE > 1``) the
+process group is started with NCCL on CUDA and gloo on CPU, also for a single process, so
+``torchrun --nproc_per_node=1`` runs the very DDP/NCCL path of N GPUs on one; otherwise
+everything is a no-op, so the same code runs both ways without changes.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class DistEnv:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    group: bool = False  # a process group is running (torchrun), even with world == 1
 
     @property
     def is_main(self) -> bool:
@@ -26,7 +28,7 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1
+        return self.group
 
     def barrier(self) -> None:
         if self.distributed:
@@ -60,13 +62,13 @@ def init_distributed(device_pref: str = "auto") -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_pref, local_rank)
-    if world <= 1:
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return DistEnv(device=device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistEnv(dist.get_rank(), dist.get_world_size(), device)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), device, group=True)
 
 
 def shutdown_distributed() -> None:

@@ -132,11 +132,13 @@ def fit(
                 for name, layer in layers.items():
                     writer.add_scalar(f"{stage}/tau/{name}", layer.temperature.item(), step)
         sums = env.all_reduce_sum(sums.to(device) if device.type == "cuda" else sums).cpu()
+        train_seconds = time.perf_counter() - t0  # loss.item() synchronised every step
         val = evaluate(model, eval_loader, device, env, desc=f"{stage} eval")
         row = {
             "epoch": epoch + 1, "step": step, "train_loss": sums[0].item() / sums[2].item(),
             "train_top1": 100 * sums[1].item() / sums[2].item(), "val_loss": val.loss, "val_top1": val.top1,
-            "val_top5": val.top5, "seconds": time.perf_counter() - t0,
+            "val_top5": val.top5, "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
+            "steps": steps_per_epoch,
         }
         history.append(row)
         is_best = val.top1 > best
