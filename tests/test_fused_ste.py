@@ -41,9 +41,9 @@ def _run(layer, x, impl, autocast=False):
     return y.detach(), grads
 
 
-def _assert_parity(layer, x, autocast=False):
+def _assert_parity(layer, x, autocast=False, impl="fused"):
     y_ref, g_ref = _run(layer, x, "reference", autocast)
-    y_fused, g_fused = _run(layer, x, "fused", autocast)
+    y_fused, g_fused = _run(layer, x, impl, autocast)
     # given the same codes the forward is the reference's to the bit, except where the reference
     # multiplies a transposed view of x̂ (V=1 linear rows, conv rows), whose GEMM rounds differently
     torch.testing.assert_close(y_fused, y_ref, rtol=1e-6, atol=1e-6)
@@ -59,7 +59,7 @@ def _assert_parity(layer, x, autocast=False):
 @pytest.mark.parametrize("v", [1, 2, 4, 8, 9, 16])
 def test_linear_gradients_match_reference(v, k, small_chunks):
     torch.manual_seed(0)
-    x = torch.randn(3, 37, 144)  # D=144 is divisible by every V here; 111 rows
+    x = torch.randn(2, 19, 144)  # D=144 is divisible by every V here; 38 rows
     layer = _init(LUTLinear(144, 10, subvec_len=v, num_prototypes=k), x.reshape(-1, 144))
     _assert_parity(layer, x)
 
@@ -88,6 +88,29 @@ def test_bf16_autocast_matches_reference(make, small_chunks):
     x = torch.randn(4, 4, 6, 6) if isinstance(layer, LUTConv2d) else torch.randn(40, 32)
     rows = layer.rows(x)
     _assert_parity(_init(layer, rows), x, autocast=True)
+
+
+@pytest.mark.parametrize("v", [1, 4, 9])
+def test_fusable_chunk_backward_is_the_same_math(v):
+    """The broadcast form that torch.compile fuses computes what the bmm form computes."""
+    torch.manual_seed(0)
+    x, dx_hat = torch.randn(23, 36), torch.randn(23, 36)
+    prototypes, inv_tau = torch.randn(36 // v, 16, v), torch.tensor(0.7)
+    for a, b in zip(fused.soft_backward_chunk(x, dx_hat, prototypes, inv_tau),
+                    fused.soft_backward_fusable(x, dx_hat, prototypes, inv_tau)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [
+    lambda: LUTLinear(32, 12, subvec_len=4),
+    lambda: LUTConv2d(4, 6, 3, stride=2, padding=1),
+])
+def test_compiled_impl_matches_reference(make, small_chunks):
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.randn(3, 4, 9, 9) if isinstance(layer, LUTConv2d) else torch.randn(40, 32)
+    _assert_parity(_init(layer, layer.rows(x)), x, impl="compiled")
 
 
 def test_frozen_inputs_get_no_gradient():
@@ -158,14 +181,15 @@ def test_resume_continues_exactly_with_fused_ste(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["fused", "compiled"])
 @pytest.mark.parametrize("make", [
     lambda: LUTLinear(192, 96, subvec_len=4, num_prototypes=16),
     lambda: LUTConv2d(16, 32, 3, stride=2, padding=1),
 ])
-def test_cuda_fused_matches_reference(make):
+def test_cuda_fused_matches_reference(make, impl):
     torch.manual_seed(0)
     layer = make().cuda()
     x = torch.randn(8, 16, 20, 20) if isinstance(layer, LUTConv2d) else torch.randn(8, 197, 192)
     x = x.cuda()
     _init(layer, layer.rows(x))
-    _assert_parity(layer, x)
+    _assert_parity(layer, x, impl=impl)

@@ -15,10 +15,12 @@ from .quant import Granularity, QuantizedTable
 
 Mode = Literal["auto", "ste", "soft", "lut", "dense"]
 MODES: tuple[str, ...] = ("auto", "ste", "soft", "lut", "dense")
-SteImpl = Literal["fused", "reference"]
+SteImpl = Literal["fused", "compiled", "reference"]
 # How "ste" mode is computed: one autograd Function with a closed-form backward
-# (``fused.py``, the default) or the autograd composition of ``functional.lut_matmul``.
-STE_IMPLS: tuple[str, ...] = ("fused", "reference")
+# (``fused.py``, the default), the same with its chunk backward compiled by
+# torch.compile (C++ on CPU, Triton on CUDA; compiles on first use), or the autograd
+# composition of ``functional.lut_matmul`` (the reference the others are tested against).
+STE_IMPLS: tuple[str, ...] = ("fused", "compiled", "reference")
 # V when a layer is given neither C nor V: 8 floats = one 32-byte row per prototype.
 DEFAULT_SUBVEC_LEN = 8
 
@@ -138,7 +140,7 @@ class LUTBase(nn.Module):
 
     def fused_ste(self) -> bool:
         """Whether this forward runs the fused straight-through estimator."""
-        return self.effective_mode() == "ste" and self.ste_impl == "fused"
+        return self.effective_mode() == "ste" and self.ste_impl != "reference"
 
     def effective_mode(self) -> str:
         if self.mode == "auto":
@@ -196,7 +198,7 @@ class LUTBase(nn.Module):
                 q = self.quantized_table
                 return q.lookup(codes, b) if q is not None else LF.table_lookup(codes, self.table(), b)
             if self.fused_ste():
-                return ste_matmul(rows, self.prototypes, w, b, self.log_tau)
+                return ste_matmul(rows, self.prototypes, w, b, self.log_tau, self.ste_impl == "compiled")
             return LF.lut_matmul(rows, self.prototypes, w, b, self.log_tau, hard=(mode == "ste"))
 
     @staticmethod

@@ -108,7 +108,8 @@ class LUTConv2d(LUTBase):
         if self.fused_ste():
             with self._fp32(x):
                 return ste_conv2d(x.float(), self.prototypes, self.weight, self.bias, self.log_tau, self.kernel_size,
-                                  self.dilation, self.padding, self.stride, (h_out, w_out))
+                                  self.dilation, self.padding, self.stride, (h_out, w_out),
+                                  self.ste_impl == "compiled")
         y = self._matmul_rows(self.rows(x))  # [B*L, M]
         return y.reshape(b, h_out * w_out, self.out_channels).transpose(1, 2).reshape(b, -1, h_out, w_out)
 

@@ -83,10 +83,40 @@ def soft_backward_chunk(
     return dx, dz_x, dz.sum(1), torch.vdot(dz.flatten(), z.flatten())
 
 
+def soft_backward_fusable(
+    x: Tensor, dx_hat: Tensor, prototypes: Tensor, inv_tau: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`soft_backward_chunk` written as broadcasts and reductions over tiny V and K.
+
+    Eager this is slower (it materialises ``[n, C, K, V]``); under ``torch.compile``
+    Inductor fuses it into a few loops (C++ on CPU, Triton on CUDA) that never do.
+    """
+    n = x.shape[0]
+    c, k, v = prototypes.shape
+    xs, ds = x.view(n, c, 1, v), dx_hat.view(n, c, 1, v)
+    z = ((xs - prototypes) ** 2).sum(-1) * -inv_tau  # [n, C, K]
+    s = torch.softmax(z, dim=-1)
+    sg = s * (ds * prototypes).sum(-1)
+    dz = sg - s * sg.sum(-1, keepdim=True)
+    dx = (dz.unsqueeze(-1) * prototypes).sum(2).reshape(n, c * v)
+    return dx, (dz.unsqueeze(-1) * xs).sum(0), dz.sum(0), (dz * z).sum()
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def compiled_soft_backward() -> Callable:
+    """The Inductor-compiled chunk backward (compiled once per process, dynamic in rows)."""
+    if "soft" not in _compiled:
+        _compiled["soft"] = torch.compile(soft_backward_fusable, dynamic=True)
+    return _compiled["soft"]
+
+
 class _Grads:
     """Gradient accumulators over row chunks; ``finish`` scales and combines them once."""
 
-    def __init__(self, prototypes: Tensor, weight: Tensor, needs: tuple[bool, ...]) -> None:
+    def __init__(self, prototypes: Tensor, weight: Tensor, needs: tuple[bool, ...], compiled: bool) -> None:
+        self.compiled = compiled
         self.need_x, need_p, self.need_w, self.need_b, need_tau = needs
         self.need_soft = self.need_x or need_p or need_tau
         c, k, _ = prototypes.shape
@@ -108,7 +138,8 @@ class _Grads:
             return None
         dx_hat = grad_y @ weight  # [n, D]
         _hard_proto_grad(codes, dx_hat, prototypes, self.hard)
-        dx, dz_x, dz_sum, dz_dot_z = soft_backward_chunk(x, dx_hat, prototypes, inv_tau)
+        kernel = compiled_soft_backward() if self.compiled else soft_backward_chunk
+        dx, dz_x, dz_sum, dz_dot_z = kernel(x, dx_hat, prototypes, inv_tau)
         self.dz_x += dz_x
         self.dz_sum += dz_sum
         self.dz_dot_z += dz_dot_z
@@ -140,7 +171,9 @@ class STEMatmul(torch.autograd.Function):
     ``lut_matmul(..., hard=True)``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, prototypes: Tensor, weight: Tensor, bias: Tensor | None, log_tau: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, prototypes: Tensor, weight: Tensor, bias: Tensor | None, log_tau: Tensor,
+                compiled: bool = False) -> Tensor:
+        ctx.compiled = compiled
         codes = codes_of(x, prototypes)
         y = F.linear(reconstruct(codes, prototypes), weight, bias)
         ctx.save_for_backward(x, prototypes, weight, log_tau, codes.to(_code_dtype(prototypes.shape[1])))
@@ -150,21 +183,22 @@ class STEMatmul(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y: Tensor):
         x, prototypes, weight, log_tau, codes = ctx.saved_tensors
-        needs = ctx.needs_input_grad
         grad_y = grad_y.contiguous()
         inv_tau = torch.exp(-log_tau)
-        acc = _Grads(prototypes, weight, needs)
-        dx = torch.empty_like(x) if needs[0] else None
+        acc = _Grads(prototypes, weight, ctx.needs_input_grad[:5], ctx.compiled)
+        dx = torch.empty_like(x) if acc.need_x else None
         for rows in _spans(x.shape[0], chunk_rows(*prototypes.shape[:2])):
             dx_rows = acc.rows(x[rows], grad_y[rows], codes[rows], prototypes, weight, inv_tau)
             if dx is not None:
                 dx[rows] = dx_rows
-        return (dx, *acc.finish(prototypes, inv_tau))
+        return (dx, *acc.finish(prototypes, inv_tau), None)
 
 
-def ste_matmul(x: Tensor, prototypes: Tensor, weight: Tensor, bias: Tensor | None, log_tau: Tensor) -> Tensor:
-    """Fused equivalent of ``lut_matmul(x, prototypes, weight, bias, log_tau, hard=True)``."""
-    return STEMatmul.apply(x, prototypes, weight, bias, log_tau)
+def ste_matmul(x: Tensor, prototypes: Tensor, weight: Tensor, bias: Tensor | None, log_tau: Tensor,
+               compiled: bool = False) -> Tensor:
+    """Fused equivalent of ``lut_matmul(x, prototypes, weight, bias, log_tau, hard=True)``;
+    ``compiled`` runs the chunk backward through ``torch.compile``."""
+    return STEMatmul.apply(x, prototypes, weight, bias, log_tau, compiled)
 
 
 class STEConv2d(torch.autograd.Function):
@@ -177,7 +211,8 @@ class STEConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, prototypes: Tensor, weight: Tensor, bias: Tensor | None, log_tau: Tensor,
-                geometry: tuple) -> Tensor:
+                geometry: tuple, compiled: bool = False) -> Tensor:
+        ctx.compiled = compiled
         kernel, dilation, padding, stride, out_hw = geometry
         b, m = x.shape[0], weight.shape[0]
         w2d = weight.reshape(m, -1)
@@ -205,7 +240,7 @@ class STEConv2d(torch.autograd.Function):
         length = out_hw[0] * out_hw[1]
         grad_y = grad_y.reshape(b, m, length)
         inv_tau = torch.exp(-log_tau)
-        acc = _Grads(prototypes, w2d, needs)
+        acc = _Grads(prototypes, w2d, needs, ctx.compiled)
         dx = torch.empty_like(x) if needs[0] else None
         for imgs in _image_groups(b, length, prototypes):
             rows = _patches(x[imgs], kernel, dilation, padding, stride)
@@ -215,7 +250,7 @@ class STEConv2d(torch.autograd.Function):
                 cols = dx_rows.view(-1, length, rows.shape[1]).transpose(1, 2)
                 dx[imgs] = F.fold(cols, x.shape[2:], kernel, dilation, padding, stride)
         dp, dw, db, dtau = acc.finish(prototypes, inv_tau)
-        return dx, dp, None if dw is None else dw.view_as(weight), db, dtau, None
+        return dx, dp, None if dw is None else dw.view_as(weight), db, dtau, None, None
 
 
 def _image_groups(batch: int, length: int, prototypes: Tensor) -> Iterator[slice]:
@@ -233,7 +268,7 @@ def _patches(x: Tensor, kernel, dilation, padding, stride) -> Tensor:
 
 
 def ste_conv2d(x: Tensor, prototypes: Tensor, weight: Tensor, bias: Tensor | None, log_tau: Tensor,
-               kernel_size, dilation, padding, stride, out_hw) -> Tensor:
+               kernel_size, dilation, padding, stride, out_hw, compiled: bool = False) -> Tensor:
     """Fused STE convolution; ``weight`` in ``nn.Conv2d`` layout ``[M, Cin, kh, kw]``."""
     geometry = (tuple(kernel_size), tuple(dilation), tuple(padding), tuple(stride), tuple(out_hw))
-    return STEConv2d.apply(x, prototypes, weight, bias, log_tau, geometry)
+    return STEConv2d.apply(x, prototypes, weight, bias, log_tau, geometry, compiled)
