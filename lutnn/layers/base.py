@@ -70,12 +70,14 @@ class LUTBase(nn.Module):
     * ``"dense"``— the original ``x @ W`` (calibration, baselines).
     * ``"auto"`` — ``"ste"`` while ``training`` else ``"lut"`` (default).
 
-    ``self.ste_impl`` picks how ``"ste"`` is computed: ``"fused"`` (default; same values
-    and gradients, several times less time and memory) or ``"reference"``.
+    ``ste_impl`` picks how ``"ste"`` is computed (see ``STE_IMPLS``): set it on a layer with
+    :meth:`set_ste_impl`, or for every layer without its own choice on the class,
+    ``LUTBase.ste_impl = "reference"``.
     """
 
     in_features: int
     out_features: int
+    ste_impl: SteImpl = "fused"
 
     def __init__(
         self,
@@ -100,7 +102,6 @@ class LUTBase(nn.Module):
         self.prototypes = nn.Parameter(torch.randn(c, num_prototypes, v, **factory))
         self.log_tau = nn.Parameter(torch.tensor(math.log(init_temperature), **factory))
         self.mode: Mode = "auto"
-        self.ste_impl: SteImpl = "fused"
         self._table_cache: tuple[tuple, Tensor] | None = None
         self._qtable: QuantizedTable | None = None
         self._qtable_key: tuple | None = None

@@ -11,14 +11,18 @@ peak memory: on CUDA ``max_memory_allocated``, on CPU the highest running sum of
 allocations the profiler records during the step, both above what was live before it.
 Cases: LUTLinear at N=8320, D=64, M=256 (the default config's DeiT rows) and DeiT-Tiny's
 N=197*8, D=192, M=576/768 at V=4 and 8; LUTConv2d 3x3 64->128 at 28x28, batch 64; a whole
-DeiT-Tiny 224 train step at batch 8 (``blocks.*`` converted, V=4). Writes
+DeiT-Tiny 224 train step at batch 8 (``blocks.*`` converted, V=4); and (group ``epoch``)
+one dense-teacher epoch and one LUT-retraining epoch per implementation of ``--config``. Writes
 ``bench_train.md`` and ``bench_train.png`` into ``--out``; a few minutes at 1 thread on a
 quiet machine (the ``compiled`` column adds one torch.compile per layer shape).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..convert import LUTConfig, convert, lut_layers
-from ..layers import STE_IMPLS, LUTConv2d, LUTLinear
+from ..layers import STE_IMPLS, LUTBase, LUTConv2d, LUTLinear
 from ..progress import progress
 
-GROUPS = ("linear", "conv", "deit")
+GROUPS = ("linear", "conv", "deit", "epoch")
 K = 16
 
 
@@ -151,6 +155,33 @@ def run_case(case: Case, reps: int, device: torch.device, impls: list[str]) -> R
     return res
 
 
+def epoch_seconds(config: Path, impls: list[str]) -> dict[str, float]:
+    """One teacher epoch and one LUT-retraining epoch per ``ste_impl`` of ``config`` (train + eval seconds)."""
+    from ..pipeline import Pipeline, load_config
+
+    def run(out: Path, stages: list[str], stage: str) -> float:
+        cfg = load_config(config, [f"output_dir={out}", "teacher.epochs=1", "train.epochs=1",
+                                   "log.tensorboard=false", "log.plot=false"])
+        pipe = Pipeline(cfg)
+        pipe.run(stages, resume=False)
+        return json.loads(pipe.paths.history(stage).read_text())[-1]["seconds"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "base"
+        seconds = {"dense": run(base, ["teacher", "prototypes"], "teacher")}
+        for impl in impls:
+            out = Path(tmp) / impl
+            out.mkdir()
+            for name in ("teacher.pt", "prototypes.safetensors"):
+                shutil.copy(base / name, out / name)
+            LUTBase.ste_impl = impl
+            try:
+                seconds[impl] = run(out, ["train"], "lut")
+            finally:
+                LUTBase.ste_impl = "fused"
+    return seconds
+
+
 def to_markdown(results: list[Result], header: str, impls: list[str]) -> str:
     """Two tables (time, memory): dense, each LUT implementation, and each one's ratio to dense."""
     out = [header, ""]
@@ -199,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="timed steps per variant (median)")
     ap.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--config", type=Path, default=Path("configs/default.yaml"),
+                    help="run config whose teacher and LUT epochs the 'epoch' group times")
     ap.add_argument("--impls", nargs="+", choices=STE_IMPLS, default=["reference", "fused", "compiled"],
                     help="LUT ste_impl columns ('compiled' compiles during its warm-up step, untimed)")
     args = ap.parse_args(argv)
@@ -210,9 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Training step (forward + backward), {where}, K={K}, median of {args.reps}; "
               f"ratios are against the dense step of the same run.")
     args.out.mkdir(parents=True, exist_ok=True)
-    table = to_markdown(results, header, args.impls)
+    table = to_markdown(results, header, args.impls) if results else ""
+    if "epoch" in args.only:
+        sec = epoch_seconds(args.config, args.impls)
+        table += (f"\nOne epoch of `{args.config}` (train + eval, {where}): dense teacher vs LUT retraining\n\n"
+                  "| stage | seconds | / dense teacher epoch |\n|---|---:|---:|\n"
+                  + "".join(f"| {'teacher (dense)' if k == 'dense' else f'LUT, ste_impl={k}'} | {v:.1f} "
+                            f"| {v / sec['dense']:.2f}x |\n" for k, v in sec.items()))
     (args.out / "bench_train.md").write_text(table)
-    plot(results, args.out / "bench_train.png", header, args.impls)
+    if results:
+        plot(results, args.out / "bench_train.png", header, args.impls)
     print(table)
-    print(f"wrote {args.out / 'bench_train.md'} and {args.out / 'bench_train.png'}")
+    print(f"wrote {args.out / 'bench_train.md'}" + (f" and {args.out / 'bench_train.png'}" if results else ""))
     return 0
