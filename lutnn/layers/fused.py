@@ -6,8 +6,11 @@ soft.detach()``, a ``[C, N, K] x [C, K, V]`` ``bmm`` and a linear layer; autogra
 keeps several ``[C, N, K]`` tensors alive and replays a dozen small kernels backwards.
 
 Here the same function is one :class:`torch.autograd.Function` with a hand-derived
-backward. Forward: distances are computed in row chunks only to take their ``argmin``;
-what is saved for backward is the input, the parameters and the ``[N, C]`` codes. Backward,
+backward. Forward: distances are computed in row chunks only to take their ``argmin``, and
+``y = Σ_c T[c, code_c] + b`` is the table lookup of ``lut`` mode (``T = P Wᵀ`` per codebook,
+built each step from the current parameters), so the training forward is bit for bit the
+inference forward and within fp32 rounding of the reference's ``x̂ Wᵀ``. What is saved for
+backward is the input, the parameters and the ``[N, C]`` codes (one byte each). Backward,
 with ``g = dL/dy``, ``x̂`` the hard reconstruction, ``s = softmax(z)``, ``z = -dist / τ``:
 
 * ``dW = gᵀ x̂``, ``db = Σ_n g``, ``dx̂ = g W`` (two GEMMs, as in a dense layer);
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .functional import split_subvectors, squared_distances
+from .functional import build_table, split_subvectors, squared_distances, table_lookup
 
 # Elements of one [C, chunk, K] block: ~4 MiB of fp32, so a chunk's distances, soft
 # assignment and gradient stay in the L2/L3 cache of a core.
@@ -167,15 +170,15 @@ def _code_dtype(num_prototypes: int) -> torch.dtype:
 
 
 class STEMatmul(torch.autograd.Function):
-    """``y = x̂ Wᵀ + b`` with the LUT-NN STE gradient; same values and gradients as
-    ``lut_matmul(..., hard=True)``."""
+    """``y = x̂ Wᵀ + b`` (as a table lookup) with the LUT-NN STE gradient; the values and
+    gradients of ``lut_matmul(..., hard=True)`` within fp32 rounding."""
 
     @staticmethod
     def forward(ctx, x: Tensor, prototypes: Tensor, weight: Tensor, bias: Tensor | None, log_tau: Tensor,
                 compiled: bool = False) -> Tensor:
         ctx.compiled = compiled
         codes = codes_of(x, prototypes)
-        y = F.linear(reconstruct(codes, prototypes), weight, bias)
+        y = table_lookup(codes, build_table(prototypes, weight), bias)
         ctx.save_for_backward(x, prototypes, weight, log_tau, codes.to(_code_dtype(prototypes.shape[1])))
         return y
 
@@ -219,11 +222,12 @@ class STEConv2d(torch.autograd.Function):
         length = out_hw[0] * out_hw[1]
         codes = torch.empty(b * length, prototypes.shape[0], dtype=_code_dtype(prototypes.shape[1]), device=x.device)
         y = x.new_empty(b, m, length)
+        table = build_table(prototypes, w2d)
         for imgs in _image_groups(b, length, prototypes):
             rows = _patches(x[imgs], kernel, dilation, padding, stride)
             chunk_codes = squared_distances(rows, prototypes).argmin(-1).T
             codes[_rows_of(imgs, length)] = chunk_codes.to(codes.dtype)
-            y_rows = F.linear(reconstruct(chunk_codes, prototypes), w2d, bias)  # [g*L, M]
+            y_rows = table_lookup(chunk_codes, table, bias)  # [g*L, M]
             y[imgs] = y_rows.view(-1, length, m).transpose(1, 2)
         ctx.save_for_backward(x, prototypes, weight, log_tau, codes)
         ctx.geometry = geometry
