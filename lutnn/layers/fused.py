@@ -178,7 +178,9 @@ class STEMatmul(torch.autograd.Function):
                 compiled: bool = False) -> Tensor:
         ctx.compiled = compiled
         codes = codes_of(x, prototypes)
-        y = table_lookup(codes, build_table(prototypes, weight), bias)
+        y = table_lookup(codes, build_table(prototypes, weight))
+        if bias is not None:
+            y += bias  # in place: one [N, M] output at the peak, not two
         ctx.save_for_backward(x, prototypes, weight, log_tau, codes.to(_code_dtype(prototypes.shape[1])))
         return y
 
