@@ -73,15 +73,20 @@ def soft_backward_chunk(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradient through the soft assignment of one chunk of rows.
 
-    Returns ``(dx [n, D], dzᵀx [C, K, V], Σ_n dz [C, K], Σ dz ⊙ z)``; the caller scales by
-    ``2/τ`` and adds the hard-path term, so chunks can be summed before scaling.
+    Returns ``(dx [n, D], dzᵀx [C, K, V], Σ_n dz [C, K], Σ dz ⊙ z)``; ``dx`` is final, the
+    other terms are summed over chunks before :meth:`_Grads.finish` scales them.
+
+    ``z`` leaves out ``-|x|²/τ``: a per-row constant changes neither the softmax nor, since
+    ``Σ_k dz = 0``, ``Σ dz ⊙ z``; the scale ``1/τ`` rides on the ``[C, K]``-sized operands.
     """
     c = prototypes.shape[0]
-    z = squared_distances(x, prototypes).mul_(-inv_tau)  # [C, n, K]
+    p_t = prototypes.transpose(1, 2)
+    z = torch.baddbmm(prototypes.pow(2).sum(-1).unsqueeze(1) * -inv_tau, split_subvectors(x, c),
+                      p_t * (2 * inv_tau))  # [C, n, K]
     s = torch.softmax(z, dim=-1)
-    sg = torch.bmm(split_subvectors(dx_hat, c), prototypes.transpose(1, 2)).mul_(s)  # s ⊙ G
+    sg = torch.bmm(split_subvectors(dx_hat, c), p_t).mul_(s)  # s ⊙ G
     dz = sg.addcmul_(s, sg.sum(-1, keepdim=True), value=-1.0)  # s ⊙ (G - Σ s ⊙ G)
-    dx = torch.bmm(dz, prototypes).transpose(0, 1).reshape(x.shape)
+    dx = torch.bmm(dz, prototypes * (2 * inv_tau)).transpose(0, 1).reshape(x.shape)
     dz_x = torch.bmm(dz.transpose(1, 2), split_subvectors(x, c))
     return dx, dz_x, dz.sum(1), torch.vdot(dz.flatten(), z.flatten())
 
@@ -97,11 +102,11 @@ def soft_backward_fusable(
     n = x.shape[0]
     c, k, v = prototypes.shape
     xs, ds = x.view(n, c, 1, v), dx_hat.view(n, c, 1, v)
-    z = ((xs - prototypes) ** 2).sum(-1) * -inv_tau  # [n, C, K]
+    z = ((2 * xs - prototypes) * prototypes).sum(-1) * inv_tau  # -(dist - |x|²)/τ, [n, C, K]
     s = torch.softmax(z, dim=-1)
     sg = s * (ds * prototypes).sum(-1)
     dz = sg - s * sg.sum(-1, keepdim=True)
-    dx = (dz.unsqueeze(-1) * prototypes).sum(2).reshape(n, c * v)
+    dx = (dz.unsqueeze(-1) * prototypes).sum(2).reshape(n, c * v) * (2 * inv_tau)
     return dx, (dz.unsqueeze(-1) * xs).sum(0), dz.sum(0), (dz * z).sum()
 
 
@@ -146,7 +151,7 @@ class _Grads:
         self.dz_x += dz_x
         self.dz_sum += dz_sum
         self.dz_dot_z += dz_dot_z
-        return dx.mul_(2 * inv_tau) if self.need_x else None
+        return dx if self.need_x else None
 
     def finish(self, prototypes: Tensor, inv_tau: Tensor) -> tuple[Tensor | None, ...]:
         """``(dP, dW, db, d log τ)``."""
