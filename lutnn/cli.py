@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lutnn.tools.demo:main", "TVM-compiled LUT model vs dense baselines on a run (demo.py)"),
     "bench": ("lutnn.tools.bench:main", "LUT layer benchmark: TVM kernels vs PyTorch dense"),
     "bench-model": ("lutnn.tools.bench_model:main", "whole-model latency: LUT (eager, accelerate_, TVM) vs dense engines"),
+    "bench-train": ("lutnn.tools.bench_train:main", "training step time and peak memory: LUT (reference, fused STE) vs dense"),
     "profile": ("lutnn.tools.profile:main", "MACs/FLOPs and size of a model and its LUT conversion"),
     "kmeans-bench": ("lutnn.tools.bench_kmeans:main", "time every k-means engine on a run's calibration rows"),
     "maddness": ("lutnn.tools.maddness_compare:main", "MADDness vs k-means encoders on digits activations"),

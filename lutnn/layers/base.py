@@ -10,10 +10,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as LF
+from .fused import ste_matmul
 from .quant import Granularity, QuantizedTable
 
 Mode = Literal["auto", "ste", "soft", "lut", "dense"]
 MODES: tuple[str, ...] = ("auto", "ste", "soft", "lut", "dense")
+SteImpl = Literal["fused", "compiled", "reference"]
+# How "ste" mode is computed: one autograd Function with a closed-form backward
+# (``fused.py``, the default), the same with its chunk backward compiled by
+# torch.compile (C++ on CPU, Triton on CUDA; compiles on first use), or the autograd
+# composition of ``functional.lut_matmul`` (the reference the others are tested against).
+STE_IMPLS: tuple[str, ...] = ("fused", "compiled", "reference")
 # V when a layer is given neither C nor V: 8 floats = one 32-byte row per prototype.
 DEFAULT_SUBVEC_LEN = 8
 
@@ -62,10 +69,15 @@ class LUTBase(nn.Module):
     * ``"lut"``  — integer codes + precomputed table, no ``x @ W`` (inference).
     * ``"dense"``— the original ``x @ W`` (calibration, baselines).
     * ``"auto"`` — ``"ste"`` while ``training`` else ``"lut"`` (default).
+
+    ``ste_impl`` picks how ``"ste"`` is computed (see ``STE_IMPLS``): set it on a layer with
+    :meth:`set_ste_impl`, or for every layer without its own choice on the class,
+    ``LUTBase.ste_impl = "reference"``.
     """
 
     in_features: int
     out_features: int
+    ste_impl: SteImpl = "fused"
 
     def __init__(
         self,
@@ -121,6 +133,16 @@ class LUTBase(nn.Module):
         self.mode = mode
         return self
 
+    def set_ste_impl(self, impl: SteImpl) -> "LUTBase":
+        if impl not in STE_IMPLS:
+            raise ValueError(f"ste_impl must be one of {STE_IMPLS}, got {impl!r}")
+        self.ste_impl = impl
+        return self
+
+    def fused_ste(self) -> bool:
+        """Whether this forward runs the fused straight-through estimator."""
+        return self.effective_mode() == "ste" and self.ste_impl != "reference"
+
     def effective_mode(self) -> str:
         if self.mode == "auto":
             return "ste" if self.training else "lut"
@@ -170,17 +192,22 @@ class LUTBase(nn.Module):
         w, b = self.weight_2d(), self.bias_or_none()
         if mode == "dense":
             return F.linear(rows, w, b)
-        # Encoding runs in fp32 even under autocast: bf16/fp16 distances would pick other
-        # codes in training than the fp32 lookup picks at inference.
-        device = rows.device.type
-        fp32 = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
-        with fp32:
+        with self._fp32(rows):
             rows = rows.float()
             if mode == "lut":
                 codes = self.encode(rows)
                 q = self.quantized_table
                 return q.lookup(codes, b) if q is not None else LF.table_lookup(codes, self.table(), b)
+            if self.fused_ste():
+                return ste_matmul(rows, self.prototypes, w, b, self.log_tau, self.ste_impl == "compiled")
             return LF.lut_matmul(rows, self.prototypes, w, b, self.log_tau, hard=(mode == "ste"))
+
+    @staticmethod
+    def _fp32(x: Tensor):
+        """Encoding runs in fp32 even under autocast: bf16/fp16 distances would pick other
+        codes in training than the fp32 lookup picks at inference."""
+        device = x.device.type
+        return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
 
     def extra_repr(self) -> str:
         return (

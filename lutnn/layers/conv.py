@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from .base import LUTBase, default_subvec_len
+from .fused import ste_conv2d
 
 
 def conv_unsupported_reason(layer: nn.Conv2d) -> str | None:
@@ -121,6 +122,11 @@ class LUTConv2d(LUTBase):
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         b = x.shape[0]
         h_out, w_out = self.output_size(x.shape[2], x.shape[3])
+        if self.fused_ste():
+            with self._fp32(x):
+                return ste_conv2d(x.float(), self.prototypes, self.weight, self.bias, self.log_tau, self.kernel_size,
+                                  self.dilation, self.padding, self.stride, (h_out, w_out),
+                                  self.ste_impl == "compiled")
         y = self._matmul_rows(self.rows(x))  # [B*L, M]
         return y.reshape(b, h_out * w_out, self.out_channels).transpose(1, 2).reshape(b, -1, h_out, w_out)
 

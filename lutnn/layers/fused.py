@@ -1,0 +1,285 @@
+"""Fused straight-through estimator: the ``ste`` mode at close to dense training speed.
+
+:func:`lutnn.layers.functional.lut_matmul` (the *reference* path) builds the STE from
+autograd primitives: distances, ``argmin``, ``one_hot``, ``softmax``, ``hard + soft -
+soft.detach()``, a ``[C, N, K] x [C, K, V]`` ``bmm`` and a linear layer; autograd then
+keeps several ``[C, N, K]`` tensors alive and replays a dozen small kernels backwards.
+
+Here the same function is one :class:`torch.autograd.Function` with a hand-derived
+backward. Forward: distances are computed in row chunks only to take their ``argmin``, and
+``y = Σ_c T[c, code_c] + b`` is the table lookup of ``lut`` mode (``T = P Wᵀ`` per codebook,
+built each step from the current parameters), so the training forward is bit for bit the
+inference forward and within fp32 rounding of the reference's ``x̂ Wᵀ``. What is saved for
+backward is the input, the parameters and the ``[N, C]`` codes (one byte each). Backward,
+with ``g = dL/dy``, ``x̂`` the hard reconstruction, ``s = softmax(z)``, ``z = -dist / τ``:
+
+* ``dW = gᵀ x̂``, ``db = Σ_n g``, ``dx̂ = g W`` (two GEMMs, as in a dense layer);
+* ``G[c, n, k] = dx̂[n, c] · P[c, k]``, ``dz = s ⊙ (G - Σ_k s ⊙ G)`` (softmax backward);
+* ``d dist = -dz / τ``; since ``Σ_k dz = 0``, ``dx = (2/τ) dz P``;
+  ``dP = Σ_n onehot(code)ᵀ dx̂ + (2/τ) (dzᵀ x - P ⊙ Σ_n dz)``; ``d log τ = -Σ dz ⊙ z``.
+
+Distances and ``s`` are recomputed chunk by chunk, so each ``[C, chunk, K]`` block lives
+only while its chunk is processed. :func:`ste_conv2d` applies the same per-chunk math to
+``LUTConv2d`` with im2col patches unfolded one group of images at a time (forward and
+backward), so no full im2col copy is ever kept.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .functional import build_table, split_subvectors, squared_distances, table_lookup
+
+# Elements of one [C, chunk, K] block: ~4 MiB of fp32, so a chunk's distances, soft
+# assignment and gradient stay in the L2/L3 cache of a core.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def chunk_rows(num_codebooks: int, num_prototypes: int) -> int:
+    """Rows per chunk so one ``[C, rows, K]`` block holds about ``CHUNK_ELEMENTS`` values."""
+    return max(1, CHUNK_ELEMENTS // (num_codebooks * num_prototypes))
+
+
+def _spans(n: int, step: int) -> Iterator[slice]:
+    return (slice(i, min(i + step, n)) for i in range(0, n, step))
+
+
+def codes_of(x: Tensor, prototypes: Tensor) -> Tensor:
+    """Nearest prototype per sub-vector, ``[N, C]`` int64, computed in row chunks.
+
+    Each chunk runs :func:`squared_distances` exactly like the reference path, so the
+    codes (and hence the forward value) are the reference's.
+    """
+    c, k, _ = prototypes.shape
+    codes = torch.empty(x.shape[0], c, dtype=torch.long, device=x.device)
+    for rows in _spans(x.shape[0], chunk_rows(c, k)):
+        codes[rows] = squared_distances(x[rows], prototypes).argmin(-1).T
+    return codes
+
+
+def reconstruct(codes: Tensor, prototypes: Tensor) -> Tensor:
+    """``x̂[n, c-block] = P[c, codes[n, c]]`` as ``[N, D]`` (one embedding gather)."""
+    c, k, v = prototypes.shape
+    flat = codes.long() + torch.arange(c, device=codes.device) * k
+    return F.embedding(flat, prototypes.reshape(c * k, v)).reshape(codes.shape[0], c * v)
+
+
+def soft_backward_chunk(
+    x: Tensor, dx_hat: Tensor, prototypes: Tensor, inv_tau: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradient through the soft assignment of one chunk of rows.
+
+    Returns ``(dx [n, D], dzᵀx [C, K, V], Σ_n dz [C, K], Σ dz ⊙ z)``; ``dx`` is final, the
+    other terms are summed over chunks before :meth:`_Grads.finish` scales them.
+
+    ``z`` leaves out ``-|x|²/τ``: a per-row constant changes neither the softmax nor, since
+    ``Σ_k dz = 0``, ``Σ dz ⊙ z``; the scale ``1/τ`` rides on the ``[C, K]``-sized operands.
+    """
+    c = prototypes.shape[0]
+    p_t = prototypes.transpose(1, 2)
+    z = torch.baddbmm(prototypes.pow(2).sum(-1).unsqueeze(1) * -inv_tau, split_subvectors(x, c),
+                      p_t * (2 * inv_tau))  # [C, n, K]
+    s = torch.softmax(z, dim=-1)
+    sg = torch.bmm(split_subvectors(dx_hat, c), p_t).mul_(s)  # s ⊙ G
+    dz = sg.addcmul_(s, sg.sum(-1, keepdim=True), value=-1.0)  # s ⊙ (G - Σ s ⊙ G)
+    dx = torch.bmm(dz, prototypes * (2 * inv_tau)).transpose(0, 1).reshape(x.shape)
+    dz_x = torch.bmm(dz.transpose(1, 2), split_subvectors(x, c))
+    return dx, dz_x, dz.sum(1), torch.vdot(dz.flatten(), z.flatten())
+
+
+def soft_backward_fusable(
+    x: Tensor, dx_hat: Tensor, prototypes: Tensor, inv_tau: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`soft_backward_chunk` written as broadcasts and reductions over tiny V and K.
+
+    Eager this is slower (it materialises ``[n, C, K, V]``); under ``torch.compile``
+    Inductor fuses it into a few loops (C++ on CPU, Triton on CUDA) that never do.
+    """
+    n = x.shape[0]
+    c, k, v = prototypes.shape
+    xs, ds = x.view(n, c, 1, v), dx_hat.view(n, c, 1, v)
+    z = ((2 * xs - prototypes) * prototypes).sum(-1) * inv_tau  # -(dist - |x|²)/τ, [n, C, K]
+    s = torch.softmax(z, dim=-1)
+    sg = s * (ds * prototypes).sum(-1)
+    dz = sg - s * sg.sum(-1, keepdim=True)
+    dx = (dz.unsqueeze(-1) * prototypes).sum(2).reshape(n, c * v) * (2 * inv_tau)
+    return dx, (dz.unsqueeze(-1) * xs).sum(0), dz.sum(0), (dz * z).sum()
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def compiled_soft_backward() -> Callable:
+    """The Inductor-compiled chunk backward (compiled once per process, dynamic in rows)."""
+    if "soft" not in _compiled:
+        _compiled["soft"] = torch.compile(soft_backward_fusable, dynamic=True)
+    return _compiled["soft"]
+
+
+class _Grads:
+    """Gradient accumulators over row chunks; ``finish`` scales and combines them once."""
+
+    def __init__(self, prototypes: Tensor, weight: Tensor, needs: tuple[bool, ...], compiled: bool) -> None:
+        self.compiled = compiled
+        self.need_x, need_p, self.need_w, self.need_b, need_tau = needs
+        self.need_soft = self.need_x or need_p or need_tau
+        c, k, _ = prototypes.shape
+        self.dz_x = torch.zeros_like(prototypes)  # Σ dzᵀ x, [C, K, V]
+        self.dz_sum = prototypes.new_zeros(c, k)  # Σ_n dz
+        self.dz_dot_z = prototypes.new_zeros(())  # Σ dz ⊙ z
+        self.hard = torch.zeros_like(prototypes)  # Σ_n onehot(code)ᵀ dx̂
+        self.dw = torch.zeros_like(weight) if self.need_w else None
+        self.db = weight.new_zeros(weight.shape[0]) if self.need_b else None
+
+    def rows(self, x: Tensor, grad_y: Tensor, codes: Tensor, prototypes: Tensor, weight: Tensor,
+             inv_tau: Tensor) -> Tensor | None:
+        """Accumulate one chunk's gradients; return its ``dx`` rows (``None`` if not needed)."""
+        if self.need_w:
+            self.dw.addmm_(grad_y.T, reconstruct(codes, prototypes))
+        if self.need_b:
+            self.db += grad_y.sum(0)
+        if not self.need_soft:
+            return None
+        dx_hat = grad_y @ weight  # [n, D]
+        _hard_proto_grad(codes, dx_hat, prototypes, self.hard)
+        kernel = compiled_soft_backward() if self.compiled else soft_backward_chunk
+        dx, dz_x, dz_sum, dz_dot_z = kernel(x, dx_hat, prototypes, inv_tau)
+        self.dz_x += dz_x
+        self.dz_sum += dz_sum
+        self.dz_dot_z += dz_dot_z
+        return dx if self.need_x else None
+
+    def finish(self, prototypes: Tensor, inv_tau: Tensor) -> tuple[Tensor | None, ...]:
+        """``(dP, dW, db, d log τ)``."""
+        dp = dtau = None
+        if self.need_soft:
+            dp = self.hard.add_((self.dz_x - prototypes * self.dz_sum.unsqueeze(-1)) * (2 * inv_tau))
+            dtau = -self.dz_dot_z
+        return dp, self.dw, self.db, dtau
+
+
+def _hard_proto_grad(codes: Tensor, dx_hat: Tensor, prototypes: Tensor, out: Tensor) -> None:
+    """``out += Σ_n onehot(code)ᵀ dx̂``: the gradient through ``x̂ = P[code]``, as an index_add."""
+    c, k, v = prototypes.shape
+    flat = (codes.long() + torch.arange(c, device=codes.device) * k).reshape(-1)
+    out.view(c * k, v).index_add_(0, flat, dx_hat.reshape(-1, v))
+
+
+def _code_dtype(num_prototypes: int) -> torch.dtype:
+    # Saved codes are the only [N, C] tensor kept for backward: one byte each when K <= 256.
+    return torch.uint8 if num_prototypes <= 256 else torch.long
+
+
+class STEMatmul(torch.autograd.Function):
+    """``y = x̂ Wᵀ + b`` (as a table lookup) with the LUT-NN STE gradient; the values and
+    gradients of ``lut_matmul(..., hard=True)`` within fp32 rounding."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, prototypes: Tensor, weight: Tensor, bias: Tensor | None, log_tau: Tensor,
+                compiled: bool = False) -> Tensor:
+        ctx.compiled = compiled
+        codes = codes_of(x, prototypes)
+        y = table_lookup(codes, build_table(prototypes, weight))
+        if bias is not None:
+            y += bias  # in place: one [N, M] output at the peak, not two
+        ctx.save_for_backward(x, prototypes, weight, log_tau, codes.to(_code_dtype(prototypes.shape[1])))
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        x, prototypes, weight, log_tau, codes = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        inv_tau = torch.exp(-log_tau)
+        acc = _Grads(prototypes, weight, ctx.needs_input_grad[:5], ctx.compiled)
+        dx = torch.empty_like(x) if acc.need_x else None
+        for rows in _spans(x.shape[0], chunk_rows(*prototypes.shape[:2])):
+            dx_rows = acc.rows(x[rows], grad_y[rows], codes[rows], prototypes, weight, inv_tau)
+            if dx is not None:
+                dx[rows] = dx_rows
+        return (dx, *acc.finish(prototypes, inv_tau), None)
+
+
+def ste_matmul(x: Tensor, prototypes: Tensor, weight: Tensor, bias: Tensor | None, log_tau: Tensor,
+               compiled: bool = False) -> Tensor:
+    """Fused equivalent of ``lut_matmul(x, prototypes, weight, bias, log_tau, hard=True)``;
+    ``compiled`` runs the chunk backward through ``torch.compile``."""
+    return STEMatmul.apply(x, prototypes, weight, bias, log_tau, compiled)
+
+
+class STEConv2d(torch.autograd.Function):
+    """``LUTConv2d``'s STE over im2col rows, unfolding a few images at a time.
+
+    Forward keeps only the input, the parameters and one byte per (row, codebook); the
+    backward unfolds the same image groups again and folds their ``dx`` rows back, so
+    peak memory holds one group's patches instead of the whole batch's.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, prototypes: Tensor, weight: Tensor, bias: Tensor | None, log_tau: Tensor,
+                geometry: tuple, compiled: bool = False) -> Tensor:
+        ctx.compiled = compiled
+        kernel, dilation, padding, stride, out_hw = geometry
+        b, m = x.shape[0], weight.shape[0]
+        w2d = weight.reshape(m, -1)
+        length = out_hw[0] * out_hw[1]
+        codes = torch.empty(b * length, prototypes.shape[0], dtype=_code_dtype(prototypes.shape[1]), device=x.device)
+        y = x.new_empty(b, m, length)
+        table = build_table(prototypes, w2d)
+        for imgs in _image_groups(b, length, prototypes):
+            rows = _patches(x[imgs], kernel, dilation, padding, stride)
+            chunk_codes = squared_distances(rows, prototypes).argmin(-1).T
+            codes[_rows_of(imgs, length)] = chunk_codes.to(codes.dtype)
+            y_rows = table_lookup(chunk_codes, table, bias)  # [g*L, M]
+            y[imgs] = y_rows.view(-1, length, m).transpose(1, 2)
+        ctx.save_for_backward(x, prototypes, weight, log_tau, codes)
+        ctx.geometry = geometry
+        return y.view(b, m, *out_hw)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        x, prototypes, weight, log_tau, codes = ctx.saved_tensors
+        kernel, dilation, padding, stride, out_hw = ctx.geometry
+        needs = ctx.needs_input_grad[:5]
+        b, m = x.shape[0], weight.shape[0]
+        w2d = weight.reshape(m, -1)
+        length = out_hw[0] * out_hw[1]
+        grad_y = grad_y.reshape(b, m, length)
+        inv_tau = torch.exp(-log_tau)
+        acc = _Grads(prototypes, w2d, needs, ctx.compiled)
+        dx = torch.empty_like(x) if needs[0] else None
+        for imgs in _image_groups(b, length, prototypes):
+            rows = _patches(x[imgs], kernel, dilation, padding, stride)
+            g_rows = grad_y[imgs].transpose(1, 2).reshape(-1, m)
+            dx_rows = acc.rows(rows, g_rows, codes[_rows_of(imgs, length)], prototypes, w2d, inv_tau)
+            if dx is not None:
+                cols = dx_rows.view(-1, length, rows.shape[1]).transpose(1, 2)
+                dx[imgs] = F.fold(cols, x.shape[2:], kernel, dilation, padding, stride)
+        dp, dw, db, dtau = acc.finish(prototypes, inv_tau)
+        return dx, dp, None if dw is None else dw.view_as(weight), db, dtau, None, None
+
+
+def _image_groups(batch: int, length: int, prototypes: Tensor) -> Iterator[slice]:
+    return _spans(batch, max(1, chunk_rows(*prototypes.shape[:2]) // length))
+
+
+def _rows_of(imgs: slice, length: int) -> slice:
+    return slice(imgs.start * length, imgs.stop * length)
+
+
+def _patches(x: Tensor, kernel, dilation, padding, stride) -> Tensor:
+    """im2col rows ``[g * L, D]`` of a group of images (the layout of ``LUTConv2d.rows``)."""
+    cols = F.unfold(x, kernel, dilation, padding, stride)  # [g, D, L]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def ste_conv2d(x: Tensor, prototypes: Tensor, weight: Tensor, bias: Tensor | None, log_tau: Tensor,
+               kernel_size, dilation, padding, stride, out_hw, compiled: bool = False) -> Tensor:
+    """Fused STE convolution; ``weight`` in ``nn.Conv2d`` layout ``[M, Cin, kh, kw]``."""
+    geometry = (tuple(kernel_size), tuple(dilation), tuple(padding), tuple(stride), tuple(out_hw))
+    return STEConv2d.apply(x, prototypes, weight, bias, log_tau, geometry, compiled)
