@@ -105,7 +105,8 @@ class LUTConv2d(LUTBase):
         b = x.shape[0]
         h_out, w_out = self.output_size(x.shape[2], x.shape[3])
         y = self._matmul_rows(self.rows(x))  # [B*L, M]
-        return y.reshape(b, h_out * w_out, self.out_channels).transpose(1, 2).reshape(b, -1, h_out, w_out)
+        y = y.reshape(b, h_out * w_out, self.out_channels).transpose(1, 2)
+        return y.reshape(b, self.out_channels, h_out, w_out)
 
     def extra_repr(self) -> str:
         return (
