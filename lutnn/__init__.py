@@ -48,7 +48,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ConfigError", "ConversionReport", "InitReport", "LUTBase", "LUTConfig", "LUTConfigError", "LUTConv2d",
     "LUTLinear", "LoadedRun", "MaddnessLinear", "ModelProfile", "PrototypeFileError", "QuantizedTable",
-    "RunConfig", "available_backends", "bypassed_lut_layers", "capture_rows", "convert", "convert_", "init_prototypes", "kmeans",
+    "RunConfig", "available_backends", "bypassed_lut_layers", "capture_rows", "convert", "convert_",
+    "init_prototypes", "kmeans",
     "load_config", "load_prototypes", "load_run", "lut_layers", "profile_pair", "quantize_tables_", "reconstruction_error",
     "save_prototypes", "set_mode",
 ]

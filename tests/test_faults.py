@@ -38,7 +38,8 @@ def _quiet(monkeypatch):
 
 
 def _pipeline(config: Path, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LUTNN_NO_PROGRESS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    path = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = {**os.environ, "LUTNN_NO_PROGRESS": "1", "PYTHONPATH": path}
     env.pop("LUTNN_FAULT", None)
     if fault:
         env["LUTNN_FAULT"] = fault
@@ -100,7 +101,8 @@ def test_killed_at_every_stage_then_rerun_equals_uninterrupted(baseline, tmp_pat
     for fault, state_after in KILLS:
         proc = _pipeline(config, fault)
         assert proc.returncode == -signal.SIGKILL, f"{fault}: not killed (rc {proc.returncode}) {proc.stderr[-500:]}"
-        assert state_after(run), f"{fault}: unexpected run dir state {sorted(str(p.relative_to(run)) for p in run.rglob('*'))}"
+        files = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+        assert state_after(run), f"{fault}: unexpected run dir state {files}"
     proc = _pipeline(config)
     assert proc.returncode == 0, proc.stderr
     _assert_same_run(baseline, run)

@@ -75,7 +75,8 @@ def write_results(run_dir: Path, results: Mapping[str, Accuracy], meta: Mapping[
     # results.md first: results.json's presence (newer than best.pt) marks the eval stage done
     write_text_atomic(md, results_markdown(results, meta))
     fault_point("results_tmp")
-    write_text_atomic(js, json.dumps({**{k: asdict(v) for k, v in results.items()}, "meta": dict(meta)}, indent=2) + "\n")
+    stored = {**{k: asdict(v) for k, v in results.items()}, "meta": dict(meta)}
+    write_text_atomic(js, json.dumps(stored, indent=2) + "\n")
     return js, md
 
 

@@ -1,7 +1,6 @@
 """Epoch checkpoints holding everything needed to continue a run bit-for-bit."""
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import shutil
