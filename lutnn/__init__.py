@@ -22,6 +22,7 @@ from .io import PrototypeFileError, load_prototypes, save_prototypes
 from .kmeans import available_backends, kmeans
 from .layers import LUTBase, LUTConv2d, LUTLinear, QuantizedTable
 from .maddness import MaddnessConv2d, MaddnessLinear
+from .verify import bypassed_lut_layers
 
 __version__ = "0.1.0"
 
@@ -46,8 +47,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ConfigError", "ConversionReport", "InitReport", "LUTBase", "LUTConfig", "LUTConfigError", "LUTConv2d",
-    "LUTLinear", "LoadedRun", "MaddnessConv2d", "MaddnessLinear", "ModelProfile", "PrototypeFileError", "QuantizedTable",
-    "RunConfig", "available_backends", "capture_rows", "convert", "convert_", "init_prototypes", "kmeans",
+    "LUTLinear", "LoadedRun", "MaddnessConv2d", "MaddnessLinear", "ModelProfile", "PrototypeFileError",
+    "QuantizedTable", "RunConfig", "available_backends", "bypassed_lut_layers", "capture_rows", "convert",
+    "convert_", "init_prototypes", "kmeans",
     "load_config", "load_prototypes", "load_run", "lut_layers", "profile_pair", "quantize_tables_", "reconstruction_error",
     "save_prototypes", "set_mode",
 ]

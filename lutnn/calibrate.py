@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .convert import lut_layers
+from .faults import fault_point
 from .kmeans import kmeans, resolve_backend
 from .layers import LUTBase
 from .layers import functional as LF
@@ -163,6 +164,7 @@ def init_prototypes(
         seconds = time.perf_counter() - start
         layer.prototypes.copy_(centroids.to(layer.prototypes))
         reports.append(InitReport(name, x.shape[0], engine, seconds, err_random, reconstruction_error(layer, x)))
+        fault_point("kmeans_layer")
     return reports
 
 

@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "kmeans-bench": ("lutnn.tools.bench_kmeans:main", "time every k-means engine on a run's calibration rows"),
     "maddness": ("lutnn.tools.maddness_compare:main", "MADDness vs k-means encoders on digits activations"),
     "sweep": ("lutnn.tools.sweep:main", "per-layer sensitivity, progressive replacement, calibration convergence"),
+    "table-key-cost": ("lutnn.tools.table_key_cost:main", "per-call cost of the table-cache checksum"),
     "tensorrt": ("lutnn.tools.trt:main", "torch-tensorrt latency of dense and LUT models (GPU; tensorrt_op.py)"),
 }
 

@@ -27,9 +27,26 @@ LAYER_TYPES: dict[str, tuple[type[nn.Module], type[LUTBase], Callable[[nn.Module
 }
 SPEC_KEYS = ("num_codebooks", "subvec_len", "num_prototypes", "init_temperature")
 
+# Modules with an eval fast path that reads their children's weights directly (or feeds them
+# nested tensors) instead of calling them: converted children would silently run dense. Each
+# entry names a per-module attribute that the fast path requires, the value that turns it off,
+# and why. nn.MultiheadAttention is different: its projections are never converted at all.
+FAST_PATHS: dict[type[nn.Module], tuple[str, Any, str]] = {
+    nn.TransformerEncoderLayer: ("activation_relu_or_gelu", 0, "fused encoder-layer kernel reads linear1/linear2 "
+                                                               "weights"),
+    nn.TransformerEncoder: ("use_nested_tensor", False, "nested-tensor fast path"),
+}
+
 
 class LUTConfigError(ValueError):
-    """A conversion config that cannot be applied to the model; the message says which key."""
+    """A conversion config that cannot be applied to the model; the message says which key.
+
+    ``key`` is that config key when known, e.g. ``"subvec_len"`` or ``"overrides['blocks.*'].subvec_len"``.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -56,30 +73,40 @@ class LUTConfig:
     def __post_init__(self) -> None:
         unknown = [t for t in self.layer_types if t not in LAYER_TYPES]
         if unknown:
-            raise LUTConfigError(f"layer_types: unknown {unknown}; known: {sorted(LAYER_TYPES)}")
+            raise LUTConfigError(f"layer_types: unknown {unknown}; known: {sorted(LAYER_TYPES)}", "layer_types")
         for key in ("include", "exclude", "layer_types"):
             value = getattr(self, key)
             if isinstance(value, str):
-                raise LUTConfigError(f"{key} must be a list of strings, got the string {value!r}")
-        _check_spec(self._global_spec(), "LUTConfig")
+                raise LUTConfigError(f"{key} must be a list of strings, got the string {value!r}", key)
+        _check_spec(self._global_spec(), "LUTConfig", "")
         for pattern, spec in self.overrides.items():
+            where = f"overrides[{pattern!r}]"
             if not isinstance(spec, Mapping):
-                raise LUTConfigError(f"overrides[{pattern!r}] must be a mapping of {SPEC_KEYS}, got {spec!r}")
+                raise LUTConfigError(f"{where} must be a mapping of {SPEC_KEYS}, got {spec!r}", where)
             bad = sorted(set(spec) - set(SPEC_KEYS))
             if bad:
-                raise LUTConfigError(f"overrides[{pattern!r}]: unknown keys {bad}; allowed: {list(SPEC_KEYS)}")
-            _check_spec(spec, f"overrides[{pattern!r}]")
+                raise LUTConfigError(f"{where}: unknown keys {bad}; allowed: {list(SPEC_KEYS)}", where)
+            _check_spec(spec, where, where + ".")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "lut config") -> "LUTConfig":
         allowed = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
-            raise LUTConfigError(f"{where}: unknown keys {unknown}; allowed: {sorted(allowed)}")
+            raise LUTConfigError(f"{where}: unknown keys {unknown}; allowed: {sorted(allowed)}", unknown[0])
         return cls(**data)
 
     def _global_spec(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in SPEC_KEYS}
+
+    def codebook_key(self, name: str) -> str:
+        """The config key that sets layer ``name``'s C/V: the last matching override that sets one, else global."""
+        for pattern, override in reversed(list(self.overrides.items())):
+            if fnmatch.fnmatchcase(name, pattern):
+                for key in ("subvec_len", "num_codebooks"):
+                    if key in override:
+                        return f"overrides[{pattern!r}].{key}"
+        return "num_codebooks" if self.num_codebooks is not None else "subvec_len"
 
     def spec_for(self, name: str) -> dict[str, Any]:
         """Merged C/K/V/tau for layer ``name``: globals, then matching overrides in order."""
@@ -92,19 +119,21 @@ class LUTConfig:
         return spec
 
 
-def _check_spec(spec: Mapping[str, Any], where: str) -> None:
+def _check_spec(spec: Mapping[str, Any], where: str, prefix: str) -> None:
+    """Check C/K/V/tau values; ``prefix`` + key is the config key named in the error."""
     if spec.get("num_codebooks") is not None and spec.get("subvec_len") is not None:
-        raise LUTConfigError(f"{where}: give num_codebooks or subvec_len, not both")
+        raise LUTConfigError(f"{where}: give num_codebooks or subvec_len, not both", prefix + "subvec_len")
     for key in ("num_codebooks", "subvec_len"):
         v = spec.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-            raise LUTConfigError(f"{where}: {key} must be a positive integer, got {v!r}")
+            raise LUTConfigError(f"{where}: {key} must be a positive integer, got {v!r}", prefix + key)
     k = spec.get("num_prototypes", 16)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 256:
-        raise LUTConfigError(f"{where}: num_prototypes (K) must be an integer in [1, 256], got {k!r}")
+        raise LUTConfigError(f"{where}: num_prototypes (K) must be an integer in [1, 256], got {k!r}",
+                             prefix + "num_prototypes")
     t = spec.get("init_temperature", 1.0)
     if not isinstance(t, (int, float)) or t <= 0:
-        raise LUTConfigError(f"{where}: init_temperature must be > 0, got {t!r}")
+        raise LUTConfigError(f"{where}: init_temperature must be > 0, got {t!r}", prefix + "init_temperature")
 
 
 @dataclass
@@ -124,6 +153,7 @@ class LayerReport:
 class ConversionReport:
     converted: list[LayerReport] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    fast_paths_off: list[tuple[str, str]] = field(default_factory=list)  # (module name, which fast path)
 
     @property
     def names(self) -> list[str]:
@@ -144,6 +174,9 @@ class ConversionReport:
         lines.append(f"\n{len(self.converted)} layers converted; params {before:,} -> {after:,}.")
         if self.skipped:
             lines.append("Left dense: " + "; ".join(f"{n} ({why})" for n, why in self.skipped))
+        if self.fast_paths_off:
+            lines.append("Fast paths turned off (they bypass LUT layers): "
+                         + "; ".join(f"{n or '<root>'} ({why})" for n, why in self.fast_paths_off))
         return "\n".join(lines)
 
     __str__ = to_markdown
@@ -174,7 +207,7 @@ def _check_patterns(patterns: Sequence[str], names: Sequence[str], key: str) -> 
     for pattern in patterns:
         if pattern != "*" and not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             sample = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-            raise LUTConfigError(f"{key} pattern {pattern!r} matched no convertible layer; layers: {sample}")
+            raise LUTConfigError(f"{key} pattern {pattern!r} matched no convertible layer; layers: {sample}", key)
 
 
 def convert_(model: nn.Module, config: LUTConfig | Mapping[str, Any] | None = None) -> ConversionReport:
@@ -203,7 +236,7 @@ def convert_(model: nn.Module, config: LUTConfig | Mapping[str, Any] | None = No
             lut = lut_type.from_dense(dense, **config.spec_for(name))
         except ValueError as err:
             if config.strict:
-                raise LUTConfigError(f"layer {name!r} ({kind}): {err}") from None
+                raise LUTConfigError(f"layer {name!r} ({kind}): {err}", config.codebook_key(name)) from None
             report.skipped.append((name, str(err)))
             continue
         lut.train(dense.training)
@@ -213,7 +246,22 @@ def convert_(model: nn.Module, config: LUTConfig | Mapping[str, Any] | None = No
             name, kind, lut.in_features, lut.out_features, lut.num_codebooks, lut.num_prototypes,
             lut.subvec_len, _n_params(dense), _n_params(lut),
         ))
+    report.fast_paths_off = disable_fast_paths(model)
     return report
+
+
+def disable_fast_paths(model: nn.Module) -> list[tuple[str, str]]:
+    """Turn off the :data:`FAST_PATHS` of every module that holds a LUT layer; returns (name, why)."""
+    done = []
+    for name, module in model.named_modules():
+        entry = FAST_PATHS.get(type(module))
+        if entry is None or not any(isinstance(m, LUTBase) for m in module.modules()):
+            continue
+        attr, off, why = entry
+        if getattr(module, attr, off) != off:
+            setattr(module, attr, off)
+            done.append((name, why))
+    return done
 
 
 def convert(model: nn.Module, config: LUTConfig | Mapping[str, Any] | None = None) -> tuple[nn.Module, ConversionReport]:

@@ -53,6 +53,15 @@ def resolve_codebooks(
     return num_codebooks, subvec_len
 
 
+def _bit_checksum(t: Tensor) -> Tensor:
+    """Wrapping integer sum of the raw bit patterns: changing any one element changes it (a permutation does not).
+
+    Accumulates in int32 (int64 for 8-byte types): exact modulo 2**32, and 4x faster than an int64 sum.
+    """
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.detach().view(ints).sum(dtype=torch.int64 if t.element_size() == 8 else torch.int32)
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
 
@@ -150,19 +159,27 @@ class LUTBase(nn.Module):
 
     # -- tables ---------------------------------------------------------------------
     def _params_key(self) -> tuple:
-        w = self.weight_2d()
-        return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in (self.prototypes, w))
+        """Identity, version counter and content checksum of the parameters the tables come from.
+
+        Keyed on the parameters themselves, not ``weight_2d()`` (a fresh copy for channels_last
+        conv weights). Version counters miss edits through ``.data`` (``w.data.mul_(2)``, as pruning
+        and weight-averaging code does: ``.data`` has its own counter), so an integer sum of the
+        bit patterns, one pass over each tensor, is part of the key too.
+        """
+        params = (self.prototypes, self.weight)
+        sums = [int(c) for c in (_bit_checksum(p) for p in params)]
+        return tuple((p.data_ptr(), p._version, p.device, p.dtype, c) for p, c in zip(params, sums))
 
     def table(self) -> Tensor:
         """``[C, K, M]`` table; rebuilt only when prototypes or weight changed."""
         if torch.compiler.is_compiling():
             # Traced tensors (torch.compile/export, TensorRT) have no data pointer to key a
             # cache on: emit the build into the graph, where it is a parameter-only constant.
-            return LF.build_table(self.prototypes, self.weight_2d())
+            return LF.build_table(self.prototypes.float(), self.weight_2d().float())
         key = self._params_key()
         if self._table_cache is None or self._table_cache[0] != key:
             with torch.no_grad():
-                t = LF.build_table(self.prototypes, self.weight_2d())
+                t = LF.build_table(self.prototypes.float(), self.weight_2d().float())
             self._table_cache = (key, t)
         return self._table_cache[1]
 
@@ -183,7 +200,8 @@ class LUTBase(nn.Module):
         return self._qtable
 
     def encode(self, rows: Tensor) -> Tensor:
-        return LF.encode(rows, self.prototypes)
+        """Codes ``[N, C]``, always from fp32 distances (fp16/bf16 layers and inputs pick the fp32 codes)."""
+        return LF.encode(rows.float(), self.prototypes.float())
 
     # -- core -----------------------------------------------------------------------
     def _matmul_rows(self, rows: Tensor) -> Tensor:
@@ -194,18 +212,23 @@ class LUTBase(nn.Module):
             return F.linear(rows, w, b)
         with self._fp32(rows):
             rows = rows.float()
+            b32 = None if b is None else b.float()
             if mode == "lut":
                 codes = self.encode(rows)
                 q = self.quantized_table
-                return q.lookup(codes, b) if q is not None else LF.table_lookup(codes, self.table(), b)
-            if self.fused_ste():
-                return ste_matmul(rows, self.prototypes, w, b, self.log_tau, self.ste_impl == "compiled")
-            return LF.lut_matmul(rows, self.prototypes, w, b, self.log_tau, hard=(mode == "ste"))
+                y = q.lookup(codes, b32) if q is not None else LF.table_lookup(codes, self.table(), b32)
+            elif self.fused_ste():
+                y = ste_matmul(rows, self.prototypes.float(), w.float(), b32, self.log_tau.float(),
+                               self.ste_impl == "compiled")
+            else:
+                y = LF.lut_matmul(rows, self.prototypes.float(), w.float(), b32, self.log_tau.float(),
+                                  hard=(mode == "ste"))
+            return y.to(w.dtype)
 
     @staticmethod
     def _fp32(x: Tensor):
-        """Encoding runs in fp32 even under autocast: bf16/fp16 distances would pick other
-        codes in training than the fp32 lookup picks at inference."""
+        """Encoding runs in fp32 even under autocast or after ``.half()``: bf16/fp16 distances would
+        pick other codes in training than the fp32 lookup picks at inference."""
         device = x.device.type
         return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
 

@@ -128,7 +128,8 @@ class LUTConv2d(LUTBase):
                                   self.dilation, self.padding, self.stride, (h_out, w_out),
                                   self.ste_impl == "compiled")
         y = self._matmul_rows(self.rows(x))  # [B*L, M]
-        return y.reshape(b, h_out * w_out, self.out_channels).transpose(1, 2).reshape(b, -1, h_out, w_out)
+        y = y.reshape(b, h_out * w_out, self.out_channels).transpose(1, 2)
+        return y.reshape(b, self.out_channels, h_out, w_out)
 
     def extra_repr(self) -> str:
         return (

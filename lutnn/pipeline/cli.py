@@ -39,13 +39,16 @@ def run_stages(args: argparse.Namespace, stages: Sequence[str], resume: bool) ->
     from ..io import PrototypeFileError
     from .runner import Pipeline, RunError
     from .train import shutdown_distributed
+    from .train.checkpoint import CheckpointError
+    from .train.loop import NonFiniteError
 
     start = time.perf_counter()
     try:
         cfg = load_config(args.config, args.overrides)
         pipe = Pipeline(cfg)
         pipe.run(stages, resume)
-    except (ConfigError, DataError, LUTConfigError, PrototypeFileError, RunError) as err:
+    except (CheckpointError, ConfigError, DataError, LUTConfigError, NonFiniteError, PrototypeFileError,
+            RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -67,6 +67,7 @@ class OptimConfig:
     label_smoothing: float = 0.0
     amp: bool = True  # autocast on CUDA only; ignored on CPU
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or its step is skipped
 
 
 @dataclass
@@ -296,10 +297,9 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_config(cfg))
-    return path
+    from ..io import write_text_atomic
+
+    return write_text_atomic(path, dump_config(cfg))
 
 
 def config_diff(a: RunConfig, b: RunConfig) -> list[str]:

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..faults import fault_point
+from ..io import write_text_atomic
 from ..progress import progress
 
 if TYPE_CHECKING:
@@ -70,8 +72,11 @@ def results_markdown(results: Mapping[str, Accuracy], meta: Mapping[str, object]
 
 def write_results(run_dir: Path, results: Mapping[str, Accuracy], meta: Mapping[str, object]) -> tuple[Path, Path]:
     js, md = run_dir / "results.json", run_dir / "results.md"
-    js.write_text(json.dumps({**{k: asdict(v) for k, v in results.items()}, "meta": dict(meta)}, indent=2) + "\n")
-    md.write_text(results_markdown(results, meta))
+    # results.md first: results.json's presence (newer than best.pt) marks the eval stage done
+    write_text_atomic(md, results_markdown(results, meta))
+    fault_point("results_tmp")
+    stored = {**{k: asdict(v) for k, v in results.items()}, "meta": dict(meta)}
+    write_text_atomic(js, json.dumps(stored, indent=2) + "\n")
     return js, md
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..convert import LUTConfigError, convert_
 from .config import ConfigError, ModelConfig, RunConfig
+from .train.checkpoint import load_checkpoint
 
 MODEL_SOURCES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -47,7 +48,7 @@ def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
 
 def load_state(path: str | Path, key: str = "model") -> dict[str, torch.Tensor]:
     """A state dict from ``path``: a bare state dict or a checkpoint holding one under ``key``."""
-    obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    obj = load_checkpoint(Path(path))
     if isinstance(obj, dict) and isinstance(obj.get(key), dict):
         obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -72,7 +73,7 @@ def check_conversion(cfg: RunConfig, where: str) -> None:
     try:
         lut_cfg = cfg.lut_config()
     except (LUTConfigError, TypeError) as err:
-        raise ConfigError(f"{where}: {_lut_key(str(err))}: {err}") from None
+        raise ConfigError(f"{where}: {_lut_key(err)}: {err}") from None
     try:
         with torch.device("meta"):
             model = create_model(cfg.model, num_classes=10)
@@ -84,16 +85,10 @@ def check_conversion(cfg: RunConfig, where: str) -> None:
     try:
         convert_(model, lut_cfg)
     except LUTConfigError as err:
-        raise ConfigError(f"{where}: {_lut_key(str(err))}: {err}") from None
+        raise ConfigError(f"{where}: {_lut_key(err)}: {err}") from None
 
 
-
-def _lut_key(message: str) -> str:
-    """The most specific ``lut.*`` key a LUTConfig error is about."""
-    for key in ("num_prototypes", "subvec_len", "num_codebooks", "init_temperature", "layer_types",
-                "include", "exclude", "overrides"):
-        if key in message:
-            return f"lut.{key}"
-    if "C*V" in message or "V must divide" in message:
-        return "lut.subvec_len"
-    return "lut"
+def _lut_key(err: LUTConfigError | TypeError) -> str:
+    """The ``lut.*`` key a conversion error is about (``LUTConfigError.key``), else ``lut``."""
+    key = getattr(err, "key", None)
+    return f"lut.{key}" if key else "lut"

@@ -21,7 +21,8 @@ from .config import ConfigError, RunConfig, config_diff, save_config
 from ..convert import convert, lut_layers
 from .data import Splits, build_splits, input_size, make_loader, set_epoch
 from .evaluate import Accuracy, evaluate, plot_history, results_markdown, write_results
-from ..io import load_prototypes, save_prototypes
+from ..faults import fault_point
+from ..io import load_prototypes, save_prototypes, write_text_atomic
 from .resolve import load_config
 from .runs import RunPaths, build_lut, build_teacher
 from .train import FitPaths, fit, init_distributed, load_checkpoint, save_checkpoint, seed_everything
@@ -113,14 +114,16 @@ class Pipeline:
             init = self.cfg.init
             model, conversion = convert(self.teacher(), self.cfg.lut_config())
             rows = self.calibration_rows(model)
+            fault_point("calibrated")
             reports = init_prototypes(model, rows, init.backend, init.niter, self.cfg.seed)
-            save_prototypes(model, self.paths.prototypes)
-            self.paths.init_report_json.write_text(json.dumps([asdict(r) for r in reports], indent=1) + "\n")
-            self.paths.init_report_md.write_text(
+            # the prototype file is written last: its presence is what marks this stage done
+            write_text_atomic(self.paths.init_report_json, json.dumps([asdict(r) for r in reports], indent=1) + "\n")
+            write_text_atomic(self.paths.init_report_md,
                 "# Conversion\n\n" + conversion.to_markdown() + "\n\n# k-means initialisation "
                 "(relative output error on calibration rows, before retraining)\n\n"
                 + init_report_markdown(reports) + "\n"
             )
+            save_prototypes(model, self.paths.prototypes)
             mean_err = sum(r.error_kmeans for r in reports) / len(reports)
             self.log(f"[prototypes] {len(reports)} layers, mean relative error {mean_err:.4f} "
                      f"-> {self.paths.prototypes}, {self.paths.init_report_md}")
@@ -161,11 +164,11 @@ class Pipeline:
         load_prototypes(init_model, p.prototypes)
         retrained = build_lut(self.cfg, teacher)
         retrained.load_state_dict(load_checkpoint(p.best)["model"])
-        results = {
-            "teacher": evaluate(teacher, loader, dev, self.env, desc="eval teacher"),
-            "kmeans_init": evaluate(init_model.to(dev), loader, dev, self.env, desc="eval k-means init"),
-            "retrained": evaluate(retrained.to(dev), loader, dev, self.env, desc="eval retrained"),
-        }
+        results = {}
+        for key, model, desc in (("teacher", teacher, "teacher"), ("kmeans_init", init_model, "k-means init"),
+                                 ("retrained", retrained, "retrained")):
+            fault_point("eval_model")
+            results[key] = evaluate(model.to(dev), loader, dev, self.env, desc=f"eval {desc}")
         if self.env.is_main:
             meta = {
                 "dataset": f"{self.cfg.data.name} (eval split, {results['teacher'].count} images)",

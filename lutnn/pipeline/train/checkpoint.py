@@ -1,14 +1,22 @@
 """Epoch checkpoints holding everything needed to continue a run bit-for-bit."""
 from __future__ import annotations
 
-import os
+import pickle
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ...faults import fault_point
+from ...io import atomic_path
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read back; the message names the file."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -40,15 +48,39 @@ def seed_everything(seed: int) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any], best_path: Path | None = None) -> None:
-    """Write atomically (temp file + rename) so a crash never leaves a truncated ``last.pt``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    if best_path is not None:
-        shutil.copyfile(path, best_path.with_suffix(".tmp"))
-        os.replace(best_path.with_suffix(".tmp"), best_path)
+    """Write ``path`` (and a copy at ``best_path``) atomically: temp files, then renames.
+
+    ``best_path`` is renamed before ``path``. A kill between the two renames leaves ``path`` one
+    epoch behind; the resumed run redoes that epoch exactly and rewrites ``best_path``. (The other
+    order left a stale ``best.pt`` that no later epoch would replace.)
+    """
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+        if best_path is None:
+            fault_point("checkpoint_tmp")
+        else:
+            with atomic_path(best_path) as best_tmp:
+                shutil.copyfile(tmp, best_tmp)
+                fault_point("checkpoint_tmp")
+            fault_point("checkpoint_best")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """``torch.load`` on CPU, weights only; a truncated or corrupt file is a one-line :class:`CheckpointError`.
+
+    ``torch.load`` does not check the zip's CRC-32s (a flipped bit loads as a wrong weight), so the
+    archive is verified first; files in the legacy non-zip format are loaded unchecked.
+    """
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+            if bad is not None:
+                raise CheckpointError(f"{path}: corrupt checkpoint (CRC mismatch in {bad})")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({why})") from None

@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader
 
 from ..config import DistillConfig, OptimConfig
 from ...convert import lut_layers
+from ...faults import fault_point
+from ...io import write_text_atomic
 from ..data import set_epoch
 from ..evaluate import evaluate
 from ...progress import progress
@@ -44,6 +46,20 @@ class FitResult:
     steps: int
     best_top1: float
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/inf loss; the message says where and what can be resumed."""
+
+
+def _nonfinite_message(stage: str, loss: float, step: int, epoch: int, model: nn.Module,
+                       last: Path, saved_epoch: int | None) -> str:
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    where = f"non-finite parameters: {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}" if bad else \
+        "all parameters finite (the batch or the loss itself overflowed)"
+    good = f"{last} (epoch {saved_epoch})" if saved_epoch else "none (no epoch finished)"
+    return (f"[{stage}] loss is {loss} at step {step} (epoch {epoch + 1}); {where}; last good checkpoint: {good}; "
+            "set nonfinite: skip in this stage's config section to skip such steps")
 
 
 def _autocast(device: torch.device, cfg: OptimConfig):
@@ -80,6 +96,7 @@ def fit(
         teacher.eval()
 
     start_epoch, step, best, history = 0, 0, float("-inf"), []
+    saved_epoch = None
     if resume and paths.last.is_file():
         ckpt = load_checkpoint(paths.last)
         model.load_state_dict(ckpt["model"])
@@ -88,6 +105,7 @@ def fit(
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         start_epoch, step, best, history = ckpt["epoch"], ckpt["step"], ckpt["best_top1"], ckpt["history"]
+        saved_epoch = start_epoch
 
     writer = None
     if env.is_main and paths.tensorboard is not None:
@@ -101,6 +119,7 @@ def fit(
         ddp_model.train()
         t0 = time.perf_counter()
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        skipped = 0
         bar = progress(train_loader, desc=f"{stage} {epoch + 1}/{cfg.epochs}", disable=not env.is_main)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -113,6 +132,16 @@ def fit(
                 loss = total_loss(logits, y, t_logits, distill.weight if use_kd else 0.0,
                                   distill.temperature if use_kd else 1.0, cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
+            # every rank decides together: one rank skipping backward would hang DDP's all-reduce
+            nonfinite = env.all_reduce_sum(torch.tensor([float(not torch.isfinite(loss))], device=loss.device))
+            if nonfinite.item():
+                if cfg.nonfinite != "skip":
+                    raise NonFiniteError(_nonfinite_message(stage, loss.item(), step + 1, epoch, model, paths.last,
+                                                            saved_epoch))
+                skipped += 1
+                step += 1
+                scheduler.step()
+                continue
             scaler.scale(loss).backward()
             if cfg.clip_grad is not None:
                 scaler.unscale_(optimizer)
@@ -121,6 +150,7 @@ def fit(
             scaler.update()
             scheduler.step()
             step += 1
+            fault_point(f"{stage}_step")
             n = y.numel()
             sums += torch.tensor([loss.item() * n, (logits.argmax(1) == y).sum().item(), n], dtype=torch.float64)
             if env.is_main and hasattr(bar, "set_postfix"):
@@ -138,7 +168,7 @@ def fit(
             "epoch": epoch + 1, "step": step, "train_loss": sums[0].item() / sums[2].item(),
             "train_top1": 100 * sums[1].item() / sums[2].item(), "val_loss": val.loss, "val_top1": val.top1,
             "val_top5": val.top5, "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
-            "steps": steps_per_epoch,
+            "steps": steps_per_epoch, "skipped_steps": skipped,
         }
         history.append(row)
         is_best = val.top1 > best
@@ -154,8 +184,9 @@ def fit(
                 "epoch": epoch + 1, "step": step, "best_top1": best, "history": history, **(extra_state or {}),
             }
             save_checkpoint(paths.last, state, paths.best if is_best and paths.best else None)
+            saved_epoch = epoch + 1
             if paths.history is not None:
-                paths.history.write_text(json.dumps(history, indent=1) + "\n")
+                write_text_atomic(paths.history, json.dumps(history, indent=1) + "\n")
             print(f"[{stage}] epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} "
                   f"train top-1 {row['train_top1']:.2f}% val top-1 {val.top1:.2f}% ({row['seconds']:.1f}s)",
                   flush=True)
