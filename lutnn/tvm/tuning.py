@@ -29,7 +29,7 @@ from tvm.target import Target
 
 from ..progress import progress
 from .kernels import EncodeSpec, KernelSpec
-from .schedules import Knobs, default_knobs, knob_space, scheduled
+from .schedules import FAMILIES, Knobs, default_knobs, knob_space, scheduled
 
 log = logging.getLogger(__name__)
 TUNING_DIR_ENV = "LUTNN_TVM_CACHE"
@@ -75,6 +75,8 @@ class TuningDatabase:
 
 def random_inputs(spec: KernelSpec, seed: int = 0) -> list[np.ndarray]:
     """Valid random arguments (outputs last) for timing or testing a kernel."""
+    if type(spec) in FAMILIES:
+        return FAMILIES[type(spec)].random_inputs(spec, seed)
     rng = np.random.default_rng(seed)
     if isinstance(spec, EncodeSpec):
         return [rng.standard_normal((spec.n, spec.c * spec.v), dtype=np.float32),
