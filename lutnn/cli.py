@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lutnn.pipeline.cli:train_main", "LUT retraining + evaluation, --resume (train.py)"),
     "demo": ("lutnn.tools.demo:main", "TVM-compiled LUT model vs dense baselines on a run (demo.py)"),
     "bench": ("lutnn.tools.bench:main", "LUT layer benchmark: TVM kernels vs PyTorch dense"),
+    "bench-conv": ("lutnn.tools.bench_conv:main", "LUTConv2d TVM kernels per layer of a CNN (ResNet-18) vs dense conv2d"),
     "profile": ("lutnn.tools.profile:main", "MACs/FLOPs and size of a model and its LUT conversion"),
     "kmeans-bench": ("lutnn.tools.bench_kmeans:main", "time every k-means engine on a run's calibration rows"),
     "maddness": ("lutnn.tools.maddness_compare:main", "MADDness vs k-means encoders on digits activations"),

@@ -269,7 +269,9 @@ def _encode_knob_space(spec: ConvEncodeSpec, target: Target) -> list[Knobs]:
 
 
 def _encode_default(spec: ConvEncodeSpec, target: Target) -> Knobs:
-    return Knobs(enc_rows=2 * 8, c_tile=1)
+    """One register of pixels: the V tap vectors + distance + running min fit the register file
+    (two registers' worth spills on AVX2's 16 registers for V=9)."""
+    return Knobs(enc_rows=max(8, simd_bytes(target) // 4), c_tile=1)
 
 
 def schedule_conv_encode(sch: Schedule, spec: ConvEncodeSpec, target: Target, knobs: Knobs) -> None:
@@ -310,11 +312,14 @@ def _lookup_knob_space(spec: ConvLookupSpec, target: Target) -> list[Knobs]:
 
 
 def _lookup_default(spec: ConvLookupSpec, target: Target) -> Knobs:
+    """Up to 8 pixels x 2 vectors of channels in registers; 32 codebooks per pass when the
+    table slice of all codebooks (C x K x cols) would overflow L1."""
     space = _lookup_knob_space(spec, target)
-    rows = max(k.rows for k in space if k.rows <= 8)
+    rows = max(k.rows for k in space)
     lanes = _lookup_lanes(spec, target)
     cols = max((k.cols for k in space if k.cols <= 2 * lanes), default=space[0].cols)
-    return Knobs(rows=rows, cols=cols, c_block=0)
+    c_block = 32 if any(k.c_block == 32 for k in space) else 0
+    return Knobs(rows=rows, cols=cols, c_block=c_block)
 
 
 def schedule_conv_lookup(sch: Schedule, spec: ConvLookupSpec, target: Target, knobs: Knobs) -> None:
@@ -342,6 +347,12 @@ def schedule_conv_lookup(sch: Schedule, spec: ConvLookupSpec, target: Target, kn
     sch.unroll(m_v)
     if lanes > 1:
         sch.vectorize(m_l)
+    # epilogue: pixels innermost, so each channel's row of pixels is one contiguous vector
+    # store (vectorising over channels would need scatters into the NCHW output)
+    e_n = sch.get_loops(out)[-1]
+    if knobs.c_block:  # the epilogue runs over all pixels of a channel tile
+        e_n = sch.split(e_n, [None, _lanes(spec.pixels, 4, target)])[1]
+    sch.vectorize(e_n)
     init = sch.decompose_reduction(acc, reduce_at)
     _vectorize_inner(sch, init, lanes, skip=len(sch.get_loops(init)) - 2)
 
@@ -412,6 +423,19 @@ def conv_constants(layer: LUTConv2d, table_dtype: TableDType) -> dict[str, Tenso
         return {k: t.detach().contiguous().clone() for k, t in consts.items()}
 
 
+_COMPILED: dict[tuple, object] = {}
+
+
+def compiled_kernel(spec, target: Target, db: TuningDatabase | None = None):
+    """:func:`.tuning.build_kernel`, compiled once per (shape, target, knobs) in a process:
+    the repeated convs of a network share their kernels."""
+    knobs = db.knobs(spec, target) if db is not None else None
+    key = (spec, str(target), knobs)
+    if key not in _COMPILED:
+        _COMPILED[key] = build_kernel(spec, target, db)
+    return _COMPILED[key]
+
+
 def conv_runner(layer: LUTConv2d, x_shape: tuple[int, int, int, int], *, target: Target | None = None,
                 db: TuningDatabase | None = None, tune_trials: int = 0) -> Callable[[Tensor], Tensor]:
     """``x -> layer(x)`` (eval/LUT numerics) on TVM kernels for one NCHW fp32 input shape.
@@ -427,24 +451,31 @@ def conv_runner(layer: LUTConv2d, x_shape: tuple[int, int, int, int], *, target:
     target = target or host_target()
     if tune_trials > 0:
         db = tune_kernels([specs.encode, specs.lookup], target, db.path.parent if db else None, tune_trials)
-    encode = build_kernel(specs.encode, target, db)
-    lookup = build_kernel(specs.lookup, target, db)
+    encode, lookup = (compiled_kernel(s, target, db) for s in (specs.encode, specs.lookup))
     consts = conv_constants(layer, specs.lookup.table_dtype)
     g, look = specs.encode.geom, specs.lookup
     codes = tvm.runtime.empty((g.batch, look.c, g.grid_q), "uint8", tvm.cpu())
     protos, pnorm = (tvm.runtime.from_dlpack(consts[k]) for k in ("protos_m2", "pnorm"))
     table, scale, bias = (tvm.runtime.from_dlpack(consts[k]) for k in ("table", "scale", "bias"))
-    in_shape = (g.batch, g.in_channels, g.height, g.width)
-    out_shape = (g.batch, look.m, look.out_h, look.out_w)
+    in_shape = torch.Size((g.batch, g.in_channels, g.height, g.width))
+    flat_shape, out_shape = (look.batch, look.m, look.pixels), (look.batch, look.m, look.out_h, look.out_w)
 
     def run(x: Tensor) -> Tensor:
-        if tuple(x.shape) != in_shape or x.dtype != torch.float32 or x.device.type != "cpu":
-            raise ValueError(f"conv kernels built for float32 cpu input {in_shape}, got {x.dtype} "
+        if x.shape != in_shape or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"conv kernels built for float32 cpu input {tuple(in_shape)}, got {x.dtype} "
                              f"{x.device.type} {tuple(x.shape)}")
-        y = torch.empty(out_shape)
-        encode(tvm.runtime.from_dlpack(x.contiguous()), protos, pnorm, codes)
-        lookup(codes, table, scale, bias, tvm.runtime.from_dlpack(y.view(look.batch, look.m, look.pixels)))
-        return y
+        y = torch.empty(flat_shape)
+        encode(x if x.is_contiguous() else x.contiguous(), protos, pnorm, codes)  # torch -> TVM by DLPack
+        lookup(codes, table, scale, bias, y)
+        return y.view(out_shape)
 
     run.specs, run.consts = specs, consts  # kept alive with the callable (DLPack views above)
+    run.codes = lambda: pixel_codes(torch.from_dlpack(codes), g)  # last call's codes, for checks
     return run
+
+
+def pixel_codes(grid_codes: Tensor, geom: ConvGeometry) -> Tensor:
+    """Encode output ``[B, C, Q]`` (grid layout) as ``[B*Hout*Wout, C]``, the row order of ``LUTConv2d.rows``."""
+    b, c = grid_codes.shape[:2]
+    valid = grid_codes[:, :, :geom.out_h * geom.grid_w].reshape(b, c, geom.out_h, geom.grid_w)[..., :geom.out_w]
+    return valid.permute(0, 2, 3, 1).reshape(-1, c)
