@@ -57,10 +57,14 @@ def build_model(name: str, exclude: list[str]) -> nn.Module:
 
 
 def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input tensor of every LUT conv in one forward pass."""
+    """The input of every LUT conv in one forward pass, NCHW-contiguous: eager ``LUTConv2d``
+    outputs are transposed views, but a model running on ``conv_runner`` passes NCHW."""
     seen: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0].detach().clone()))
-             for n, m in lut_layers(model).items()]
+
+    def keep(name: str, args: tuple) -> None:
+        seen.setdefault(name, args[0].detach().clone(memory_format=torch.contiguous_format))
+
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: keep(n, a)) for n, m in lut_layers(model).items()]
     with torch.no_grad():
         model(x)
     for h in hooks:

@@ -263,9 +263,7 @@ CONV_C_BLOCKS = (0, 16, 32, 64)
 
 
 def _encode_knob_space(spec: ConvEncodeSpec, target: Target) -> list[Knobs]:
-    lanes = simd_bytes(target) // 4
-    blocks = [r for r in ENC_PIXEL_BLOCKS if r >= min(lanes, 8)]
-    return [Knobs(enc_rows=r, c_tile=t) for r, t in itertools.product(blocks, (1, 2)) if spec.c % t == 0]
+    return [Knobs(enc_rows=r, c_tile=t) for r, t in itertools.product(ENC_PIXEL_BLOCKS, (1, 2)) if spec.c % t == 0]
 
 
 def _encode_default(spec: ConvEncodeSpec, target: Target) -> Knobs:
@@ -294,7 +292,7 @@ def schedule_conv_encode(sch: Schedule, spec: ConvEncodeSpec, target: Target, kn
     sch.parallel(sch.fuse(vb, c_o))
     sch.decompose_reduction(dist, d_v)
     sch.decompose_reduction(am, sch.get_loops(am)[3])
-    # pad: one pass over the input, parallel over (batch, channel), vectorised along a grid row
+    # pad: one pass over the input, parallel over (batch, channel); a few % of encode (timed with K=1)
     p_b, p_c, *_ = sch.get_loops(pad)
     sch.parallel(sch.fuse(p_b, p_c))
 
