@@ -67,14 +67,16 @@ def test_conv_runner_matches_lut_layer(case, batch):
 
 
 @pytest.mark.parametrize("case,tables,batch", [("3x3", "output", 8), ("1x1_v4_stride2", "output", 3),
-                                              ("3x3_stride2", "codebook", 1)])
+                                              ("3x3_stride2", "codebook", 1), ("c260", "output", 1)])
 def test_int8_tables_match_quantized_layer(case, tables, batch):
-    cin, cout, k, s, p, d, v = CASES[case]
+    # C=260: C*127 overflows int16, so two int16 block sums of 130 codebooks widen into int32
+    cin, cout, k, s, p, d, v = CASES[case] if case in CASES else (520, 16, 1, 1, 0, 1, 2)
     layer = _layer(cin, cout, k, s, p, d, v, tables=tables)
     x = torch.randn(batch, cin, 8, 8)
     run = conv_runner(layer, tuple(x.shape), target=TARGET)
     # per-channel scales run the int8 kernel; per-codebook scales are dequantised (as LUTBase does)
     assert run.specs.lookup.table_dtype == ("int8" if tables == "output" else "float32")
+    assert run.specs.lookup.int16_blocks == (2 if case == "c260" else 1)
     got = run(x)
     _assert_codes_match(run.codes(), x, layer)
     with torch.no_grad():

@@ -41,7 +41,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from ..layers import LUTConv2d, conv_unsupported_reason
-from .kernels import KERNEL_ATTR, TableDType, accumulator_dtype
+from .kernels import INT16_MAX_CODEBOOKS, KERNEL_ATTR, TableDType, accumulator_dtype
 from .schedules import KernelFamily, Knobs, _lanes, _vectorize_inner, register_family
 from .target import host_target, simd_bytes
 from .tuning import TuningDatabase, build_kernel
@@ -157,6 +157,17 @@ class ConvLookupSpec:
         return accumulator_dtype(self.table_dtype, self.c)
 
     @property
+    def int16_blocks(self) -> int:
+        """Codebook blocks summed in int16 before widening into the int32 total: int8 tables
+        whose ``C * 127`` overflows int16 still add twice as many lanes per instruction.
+        1 = no split (fp32, int16 totals, or no divisor of C gives blocks of >= 16)."""
+        if self.acc_dtype != "int32":
+            return 1
+        fits = [nb for nb in range(2, self.c // 16 + 1)
+                if self.c % nb == 0 and self.c // nb <= INT16_MAX_CODEBOOKS]
+        return fits[0] if fits else 1
+
+    @property
     def name(self) -> str:
         suffix = "" if self.table_dtype == "float32" else "_i8"
         return (f"lut_conv_lookup_b{self.batch}_c{self.c}_k{self.k}_m{self.m}_o{self.out_h}x{self.out_w}"
@@ -252,6 +263,45 @@ def conv_lookup_func(spec: ConvLookupSpec) -> tirx.PrimFunc:
                 vb, vm, vn = T.axis.remap("SSS", [i0, i1, i2])
                 y[vb, vm, vn] = T.Cast("float32", acc[vb, vn, vm]) * scale[vm] + bias[vm]
 
+    return lut_conv_lookup if spec.int16_blocks == 1 else _conv_lookup_blocked(spec)
+
+
+def _conv_lookup_blocked(spec: ConvLookupSpec) -> tirx.PrimFunc:
+    """int8 tables, ``C*127`` over int16: int16 sums of ``C / nb`` codebooks, widened into int32."""
+    b, c, k, m, n, ow, wg, q = (spec.batch, spec.c, spec.k, spec.m, spec.pixels, spec.out_w, spec.grid_w,
+                                spec.grid_q)
+    nb = spec.int16_blocks
+    cb = c // nb
+
+    @T.prim_func(s_tir=True)
+    def lut_conv_lookup(
+        codes: T.Buffer((b, c, q), "uint8"),
+        table: T.Buffer((c, k, m), "int8"),
+        scale: T.Buffer((m,), "float32"),
+        bias: T.Buffer((m,), "float32"),
+        y: T.Buffer((b, m, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, KERNEL_ATTR: "conv_lookup"})
+        part = T.sblock_alloc_buffer((b, n, m, nb), "int16")
+        acc = T.sblock_alloc_buffer((b, n, m), "int32")
+        for i0, i1, i2, i3, i4 in T.grid(b, n, m, nb, cb):
+            with T.sblock("acc"):
+                vb, vn, vm, vj, vc = T.axis.remap("SSSSR", [i0, i1, i2, i3, i4])
+                with T.init():
+                    part[vb, vn, vm, vj] = T.int16(0)
+                part[vb, vn, vm, vj] = part[vb, vn, vm, vj] + T.Cast("int16", table[
+                    vj * cb + vc, T.Cast("int32", codes[vb, vj * cb + vc, vn // ow * wg + vn % ow]), vm])
+        for i0, i1, i2, i3 in T.grid(b, n, m, nb):
+            with T.sblock("widen"):
+                vb, vn, vm, vj = T.axis.remap("SSSR", [i0, i1, i2, i3])
+                with T.init():
+                    acc[vb, vn, vm] = 0
+                acc[vb, vn, vm] = acc[vb, vn, vm] + T.Cast("int32", part[vb, vn, vm, vj])
+        for i0, i1, i2 in T.grid(b, m, n):
+            with T.sblock("scale"):
+                vb, vm, vn = T.axis.remap("SSS", [i0, i1, i2])
+                y[vb, vm, vn] = T.Cast("float32", acc[vb, vn, vm]) * scale[vm] + bias[vm]
+
     return lut_conv_lookup
 
 
@@ -283,10 +333,13 @@ def schedule_conv_encode(sch: Schedule, spec: ConvEncodeSpec, target: Target, kn
     codes = sch.cache_write(am, 1, "global")  # write 1 = codes (0 is the running minimum)
     sch.reverse_compute_at(codes, q_o)
     sch.compute_at(dist, vk)
-    *_, d_q, d_v = sch.get_loops(dist)
-    sch.reorder(d_v, d_q)
+    if spec.v > 1:
+        *_, d_q, d_v = sch.get_loops(dist)
+        sch.reorder(d_v, d_q)
+        sch.unroll(d_v)
+    else:  # compute_at leaves no loop for a reduction of extent 1
+        d_q = d_v = sch.get_loops(dist)[-1]
     sch.vectorize(d_q)
-    sch.unroll(d_v)
     sch.vectorize(sch.get_loops(am)[-1])
     sch.vectorize(sch.get_loops(codes)[-1])
     sch.parallel(sch.fuse(vb, c_o))
@@ -298,7 +351,8 @@ def schedule_conv_encode(sch: Schedule, spec: ConvEncodeSpec, target: Target, kn
 
 
 def _lookup_lanes(spec: ConvLookupSpec, target: Target) -> int:
-    return _lanes(spec.m, 2 if spec.acc_dtype == "int16" else 4, target)
+    int16 = spec.acc_dtype == "int16" or spec.int16_blocks > 1
+    return _lanes(spec.m, 2 if int16 else 4, target)
 
 
 def _lookup_knob_space(spec: ConvLookupSpec, target: Target) -> list[Knobs]:
@@ -306,6 +360,8 @@ def _lookup_knob_space(spec: ConvLookupSpec, target: Target) -> list[Knobs]:
     cols = [lanes * v for v in CONV_VECTORS_PER_TILE if spec.m % (lanes * v) == 0] or [spec.m]
     rows = [r for r in CONV_ROW_CHOICES if spec.pixels % r == 0]
     blocks = [bl for bl in CONV_C_BLOCKS if bl < spec.c and (bl == 0 or spec.c % bl == 0)]
+    if spec.int16_blocks > 1:  # the int16 blocks are the codebook blocks
+        blocks = [0]
     return [Knobs(rows=r, cols=co, c_block=bl) for r, co, bl in itertools.product(rows, cols, blocks)]
 
 
@@ -326,11 +382,21 @@ def schedule_conv_lookup(sch: Schedule, spec: ConvLookupSpec, target: Target, kn
     the epilogue then writes it channel-major (NCHW)."""
     lanes = _lookup_lanes(spec, target)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("scale")
-    vb, vn, vm, vc = sch.get_loops(acc)
+    vb, vn, vm, *vj, vc = sch.get_loops(acc)
     n_o, n_i = sch.split(vn, [None, knobs.rows])
     m_o, m_i = sch.split(vm, [None, knobs.cols])
     m_v, m_l = sch.split(m_i, [None, lanes])
-    if knobs.c_block:
+    if vj:  # int16 block sums, each widened into the int32 tile after its codebooks
+        sch.reorder(vb, n_o, m_o, vj[0], vc, n_i, m_v, m_l)
+        reduce_at = vc
+        widen = sch.get_sblock("widen")
+        sch.reverse_compute_at(widen, vj[0])
+        sch.reverse_compute_at(out, m_o)
+        sch.parallel(sch.fuse(vb, n_o))
+        _vectorize_inner(sch, widen, lanes, skip=len(sch.get_loops(widen)) - 1)  # over the tile's channels
+        widen_init = sch.decompose_reduction(widen, vj[0])
+        _vectorize_inner(sch, widen_init, lanes, skip=len(sch.get_loops(widen_init)) - 1)
+    elif knobs.c_block:
         c_o, c_i = sch.split(vc, [None, knobs.c_block])
         sch.reorder(vb, m_o, c_o, n_o, c_i, n_i, m_v, m_l)
         reduce_at = c_o
@@ -349,8 +415,9 @@ def schedule_conv_lookup(sch: Schedule, spec: ConvLookupSpec, target: Target, kn
     # store (vectorising over channels would need scatters into the NCHW output)
     e_n = sch.get_loops(out)[-1]
     if knobs.c_block:  # the epilogue runs over all pixels of a channel tile
-        e_n = sch.split(e_n, [None, _lanes(spec.pixels, 4, target)])[1]
-    sch.vectorize(e_n)
+        sch.vectorize(sch.split(e_n, [None, _lanes(spec.pixels, 4, target)])[1])
+    elif knobs.rows > 1:  # (rows = 1 leaves only the channel loop: scalar stores)
+        sch.vectorize(e_n)
     init = sch.decompose_reduction(acc, reduce_at)
     _vectorize_inner(sch, init, lanes, skip=len(sch.get_loops(init)) - 2)
 
