@@ -170,6 +170,8 @@ class ConvLookupSpec:
     @property
     def name(self) -> str:
         suffix = "" if self.table_dtype == "float32" else "_i8"
+        if self.int16_blocks > 1:  # another kernel than the plain int32 sum: its own tuning records
+            suffix += f"_w{self.int16_blocks}"
         return (f"lut_conv_lookup_b{self.batch}_c{self.c}_k{self.k}_m{self.m}_o{self.out_h}x{self.out_w}"
                 f"_g{self.grid_w}x{self.grid_q}{suffix}")
 
