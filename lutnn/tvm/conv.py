@@ -27,7 +27,6 @@ Specs, knobs and tuning records use the same machinery as the linear kernels
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Callable
 
