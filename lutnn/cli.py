@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lutnn.pipeline.cli:train_main", "LUT retraining + evaluation, --resume (train.py)"),
     "demo": ("lutnn.tools.demo:main", "TVM-compiled LUT model vs dense baselines on a run (demo.py)"),
     "bench": ("lutnn.tools.bench:main", "LUT layer benchmark: TVM kernels vs PyTorch dense"),
+    "bench-conv": ("lutnn.tools.bench_conv:main", "LUTConv2d TVM kernels per layer of a CNN (ResNet-18) vs dense conv2d"),
     "bench-model": ("lutnn.tools.bench_model:main", "whole-model latency: LUT (eager, accelerate_, TVM) vs dense engines"),
     "bench-train": ("lutnn.tools.bench_train:main", "training step time and peak memory: LUT (reference, fused STE) vs dense"),
     "profile": ("lutnn.tools.profile:main", "MACs/FLOPs and size of a model and its LUT conversion"),

@@ -1,4 +1,6 @@
-"""Whole-model TVM compile: outputs equal the PyTorch LUT model (fp32 and int8 tables) and the dense model."""
+"""Whole-model TVM compile: outputs equal the PyTorch LUT model (fp32 and int8 tables) and the dense model.
+
+LUTConv2d models: tests/test_tvm_conv.py."""
 import pytest
 import timm
 import torch
@@ -58,11 +60,8 @@ def test_int8_tables_match_quantized_pytorch_model():
         torch.testing.assert_close(compile_model(lut, x, TARGET)(x), lut(x), rtol=1e-5, atol=1e-5)
 
 
-def test_wrong_shape_and_conv_layers_are_rejected():
+def test_wrong_shape_is_rejected():
     lut, _ = lutnn.convert(nn.Sequential(nn.Linear(16, 8)), lutnn.LUTConfig(subvec_len=4))
     compiled = compile_model(lut.eval(), torch.randn(4, 16), TARGET)
     with pytest.raises(ValueError, match=r"compiled for input shape \(4, 16\)"):
         compiled(torch.randn(5, 16))
-    conv, _ = lutnn.convert(nn.Sequential(nn.Conv2d(2, 4, 3)), lutnn.LUTConfig())
-    with pytest.raises(NotImplementedError, match="LUTConv2d"):
-        compile_model(conv.eval(), torch.randn(1, 2, 6, 6), TARGET)

@@ -55,9 +55,7 @@ class LookupSpec:
 
     @property
     def acc_dtype(self) -> str:
-        if self.table_dtype == "float32":
-            return "float32"
-        return "int16" if self.c <= INT16_MAX_CODEBOOKS else "int32"
+        return accumulator_dtype(self.table_dtype, self.c)
 
     @property
     def name(self) -> str:
@@ -66,6 +64,13 @@ class LookupSpec:
 
 
 KernelSpec = EncodeSpec | LookupSpec
+
+
+def accumulator_dtype(table_dtype: TableDType, num_codebooks: int) -> str:
+    """fp32 for fp32 tables; int16 for int8 tables unless ``C * 127`` could overflow it."""
+    if table_dtype == "float32":
+        return "float32"
+    return "int16" if num_codebooks <= INT16_MAX_CODEBOOKS else "int32"
 
 
 def encode_func(spec: EncodeSpec) -> tirx.PrimFunc:

@@ -2,10 +2,11 @@
 
 Route: ``torch.export`` -> ``relax.frontend.torch.from_exported_program`` -> compile.
 Before export every ``LUTLinear`` is swapped for a shim that calls one custom op,
-``lutnn::lut_rows(rows, protos_t, pnorm, table, scale, bias)``, so the exported graph
-keeps each LUT layer as a single node; ``custom_convert_map`` turns that node into two
-``call_tir``s of the LUT kernels (encode, read-accumulate), with the tuned knobs when
-the tuning database has them. Everything else is imported by the stock frontend,
+``lutnn::lut_rows(rows, protos_t, pnorm, table, scale, bias)``, and every ``LUTConv2d``
+for one that calls ``lutnn::lut_conv2d`` (NCHW in, NCHW out, :mod:`.conv` kernels), so
+the exported graph keeps each LUT layer as a single node; ``custom_convert_map`` turns
+that node into two ``call_tir``s of the LUT kernels (encode, read-accumulate), with the
+tuned knobs when the tuning database has them. Everything else is imported by the stock frontend,
 legalised to TIR, fused, and scheduled by :func:`schedules.schedule_generic`. The
 dense model goes through the identical pipeline (without shims) as a fair baseline.
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import tvm
 from torch import Tensor, nn
 from tvm import relax
@@ -26,6 +28,7 @@ from tvm.target import Target
 
 from ..layers import LUTConv2d, LUTLinear
 from ..layers import functional as LF
+from .conv import ConvEncodeSpec, ConvGeometry, ConvLookupSpec, conv_constants, table_dtype
 from .kernels import KERNEL_ATTR, EncodeSpec, KernelSpec, LookupSpec
 from .schedules import default_knobs, schedule_generic, scheduled
 from .tuning import TuningDatabase
@@ -67,21 +70,58 @@ class _LUTLinearShim(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+@torch.library.custom_op("lutnn::lut_conv2d", mutates_args=())
+def lut_conv2d(x: Tensor, protos_m2: Tensor, pnorm: Tensor, table: Tensor, scale: Tensor, bias: Tensor,
+               kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    """NCHW ``LUTConv2d`` with the :func:`.conv.conv_constants` arguments (``protos_m2 = -2 P^T``)."""
+    b, h_out, w_out = x.shape[0], *_conv_out_hw(x.shape, kernel_size, stride, padding, dilation)
+    rows = F.unfold(x, kernel_size, dilation, padding, stride).transpose(1, 2).reshape(-1, protos_m2.shape[0]
+                                                                                      * protos_m2.shape[1])
+    y = lut_rows(rows, protos_m2 * -0.5, pnorm, table, scale, bias)
+    return y.reshape(b, h_out * w_out, -1).transpose(1, 2).reshape(b, -1, h_out, w_out)
+
+
+@lut_conv2d.register_fake
+def _(x, protos_m2, pnorm, table, scale, bias, kernel_size, stride, padding, dilation):
+    return x.new_empty(x.shape[0], table.shape[2], *_conv_out_hw(x.shape, kernel_size, stride, padding, dilation))
+
+
+def _conv_out_hw(x_shape, kernel_size, stride, padding, dilation) -> tuple[int, int]:
+    return tuple((x_shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
+                 for i in range(2))
+
+
+class _LUTConv2dShim(nn.Module):
+    """What export sees instead of a ``LUTConv2d``: one ``lutnn::lut_conv2d`` call."""
+
+    def __init__(self, layer: LUTConv2d) -> None:
+        super().__init__()
+        for name, t in conv_constants(layer, table_dtype(layer)).items():
+            self.register_buffer(name, t)
+        self.geometry = [list(layer.kernel_size), list(layer.stride), list(layer.padding), list(layer.dilation)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.lutnn.lut_conv2d(x, self.protos_m2, self.pnorm, self.table, self.scale, self.bias,
+                                          *self.geometry)
+
+
+SHIMS: dict[type[nn.Module], type[nn.Module]] = {LUTLinear: _LUTLinearShim, LUTConv2d: _LUTConv2dShim}
+
+
 def exportable(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with LUT layers replaced by export shims (tables frozen as they are now)."""
     model = copy.deepcopy(model).eval()
     for name, module in list(model.named_modules()):
-        if isinstance(module, LUTConv2d):
-            raise NotImplementedError(f"{name}: LUTConv2d is not supported by the TVM path yet (LUTLinear only)")
-        if isinstance(module, LUTLinear):
+        if type(module) in SHIMS:
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, _LUTLinearShim(module))
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, SHIMS[type(module)](module))
     return model
 
 
 @dataclass
 class _LUTConverter:
-    """``custom_convert_map`` entry: ``lutnn::lut_rows`` -> encode + read-accumulate ``call_tir``s."""
+    """``custom_convert_map`` entries: ``lutnn::lut_rows`` / ``lutnn::lut_conv2d`` -> encode +
+    read-accumulate ``call_tir``s."""
 
     target: Target
     db: TuningDatabase | None
@@ -112,6 +152,20 @@ class _LUTConverter:
         args = [codes, table, bias] if dtype == "float32" else [codes, table, scale, bias]
         return bb.emit(relax.call_tir(self._gvar(importer, look), args, relax.TensorType((n, m), "float32")))
 
+    def conv2d(self, node, importer) -> relax.Var:
+        x, protos_m2, pnorm, table, scale, bias, kernel, stride, padding, dilation = importer.retrieve_args(node)
+        b, cin, h, w = (int(s) for s in x.ty.shape)
+        c, v, k = (int(s) for s in protos_m2.ty.shape)
+        geom = ConvGeometry(b, cin, h, w, *(tuple(int(i) for i in a) for a in (kernel, stride, padding, dilation)))
+        enc = ConvEncodeSpec(geom, c, k, v)
+        look = ConvLookupSpec.of(enc, int(table.ty.shape[2]), str(table.ty.dtype))
+        bb = importer.block_builder
+        codes = bb.emit(relax.call_tir(self._gvar(importer, enc), [x, protos_m2, pnorm],
+                                       relax.TensorType((b, c, geom.grid_q), "uint8")))
+        y = bb.emit(relax.call_tir(self._gvar(importer, look), [codes, table, scale, bias],
+                                   relax.TensorType((b, look.m, look.pixels), "float32")))
+        return bb.emit(relax.op.reshape(y, (b, look.m, look.out_h, look.out_w)))
+
 
 def import_model(model: nn.Module, example: Tensor, target: Target, db: TuningDatabase | None = None,
                  ) -> tuple[tvm.IRModule, list[KernelSpec]]:
@@ -119,7 +173,8 @@ def import_model(model: nn.Module, example: Tensor, target: Target, db: TuningDa
     converter = _LUTConverter(target, db)
     with torch.no_grad():
         ep = torch.export.export(exportable(model), (example,))
-    mod = from_exported_program(ep, custom_convert_map={"lut_rows.default": converter})
+    mod = from_exported_program(ep, custom_convert_map={"lut_rows.default": converter,
+                                                        "lut_conv2d.default": converter.conv2d})
     return mod, list(converter.kernels)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from tvm import tirx
 from tvm.s_tir import Schedule, ScheduleError
@@ -44,6 +45,25 @@ class Knobs:
     kernel: str = "gather"
 
 
+@dataclass(frozen=True)
+class KernelFamily:
+    """A kernel kind defined outside this module (e.g. :mod:`lutnn.tvm.conv`): what it computes,
+    its knobs and its schedule, so tuning and the database treat it like the built-in kernels."""
+
+    func: Callable[[Any], tirx.PrimFunc]
+    knob_space: Callable[[Any, Target], list[Knobs]]
+    default_knobs: Callable[[Any, Target], Knobs]
+    schedule: Callable[[Schedule, Any, Target, Knobs], None]
+    random_inputs: Callable[[Any, int], list]  # valid arguments (outputs last) for timing
+
+
+FAMILIES: dict[type, KernelFamily] = {}
+
+
+def register_family(spec_type: type, family: KernelFamily) -> None:
+    FAMILIES[spec_type] = family
+
+
 def _lanes(m: int, dtype_bytes: int, target: Target) -> int:
     """Largest power-of-two vector length (<= one register) dividing ``m``; 1 = scalar."""
     lanes = simd_bytes(target) // dtype_bytes
@@ -57,6 +77,8 @@ def _acc_lanes(spec: LookupSpec, target: Target) -> int:
 
 
 def knob_space(spec: KernelSpec, target: Target) -> list[Knobs]:
+    if type(spec) in FAMILIES:
+        return FAMILIES[type(spec)].knob_space(spec, target)
     if isinstance(spec, EncodeSpec):
         lanes = simd_bytes(target) // 4
         xpose = [Knobs(enc_rows=r, kernel=ENCODE_ROWS_KERNEL) for r in (lanes, lanes // 2) if r >= 4]
@@ -77,6 +99,8 @@ def _shuffle_space(spec: LookupSpec, target: Target) -> list[Knobs]:
 def default_knobs(spec: KernelSpec, target: Target, gather_only: bool = False) -> Knobs:
     """~16 accumulator registers (4 rows x 4 vectors) and codebook blocks of 32 (16 for int8):
     measured faster than register-resident y for every D=768 shape on a Zen 3 (L1 32 KiB)."""
+    if type(spec) in FAMILIES:
+        return FAMILIES[type(spec)].default_knobs(spec, target)
     if isinstance(spec, EncodeSpec):
         return knob_space(spec, target)[0]  # rows in vector lanes (2-3x faster than k in lanes)
     shuffle = [k for k in _shuffle_space(spec, target) if k.kernel in DEFAULT_SHUFFLE]
@@ -190,6 +214,11 @@ def _encode_k_in_lanes(sch: Schedule, spec: EncodeSpec, target: Target, knobs: K
 def scheduled(spec: KernelSpec, target: Target, knobs: Knobs | None = None) -> tirx.PrimFunc:
     """The kernel scheduled with ``knobs`` (default: the untuned hand choice)."""
     knobs = knobs or default_knobs(spec, target)
+    family = FAMILIES.get(type(spec))
+    if family:
+        sch = Schedule(family.func(spec))
+        family.schedule(sch, spec, target, knobs)
+        return sch.mod["main"]
     if knobs.kernel == ENCODE_ROWS_KERNEL and isinstance(spec, EncodeSpec):
         return encode_rows_func(spec, knobs.enc_rows)
     if knobs.kernel != "gather":

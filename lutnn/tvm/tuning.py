@@ -33,7 +33,7 @@ from tvm.target import Target
 
 from ..progress import progress
 from .kernels import EncodeSpec, KernelSpec, LookupSpec
-from .schedules import Knobs, default_knobs, knob_space, scheduled
+from .schedules import FAMILIES, Knobs, default_knobs, knob_space, scheduled
 from .shuffle import prepare_table
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,8 @@ class TuningDatabase:
 
 def random_inputs(spec: KernelSpec, seed: int = 0) -> list[np.ndarray]:
     """Valid random arguments (outputs last) for timing or testing a kernel."""
+    if type(spec) in FAMILIES:
+        return FAMILIES[type(spec)].random_inputs(spec, seed)
     rng = np.random.default_rng(seed)
     if isinstance(spec, EncodeSpec):
         return [rng.standard_normal((spec.n, spec.c * spec.v), dtype=np.float32),
@@ -120,9 +122,15 @@ def timer():
     return time.thread_time if os.environ.get(CLOCK_ENV) == "thread" else time.perf_counter
 
 
-def time_kernel(fn, args: list, min_ms: float = 20.0, repeat: int = 5) -> float:
-    """Median milliseconds of ``fn(*args)`` (each repeat runs >= ``min_ms``), by :func:`timer`."""
-    clock = timer()
+def kernel_clock(target: Target):
+    """Thread CPU time for 1-thread targets (robust to other load), else :func:`timer`."""
+    return time.thread_time if int(target.attrs.get("num-cores", 0)) == 1 else timer()
+
+
+def time_kernel(fn, args: list, min_ms: float = 20.0, repeat: int = 5, clock=None) -> float:
+    """Median milliseconds of ``fn(*args)`` (each repeat runs >= ``min_ms``), by ``clock``
+    (default :func:`timer`)."""
+    clock = clock or timer()
     fn(*args)
     start = clock()
     fn(*args)
@@ -196,7 +204,7 @@ def tune_kernel(spec: KernelSpec, target: Target, trials: int, seed: int = 0) ->
     results = []
     for knobs in [first, *must, *others][:max(trials, len(must) + 1)]:
         fn = build_kernel(spec, target, knobs=knobs)
-        ms = time_kernel(fn, kernel_args(fn, spec, seed))
+        ms = time_kernel(fn, kernel_args(fn, spec, seed), clock=kernel_clock(target))
         log.debug("%s %s: %.3f ms", spec.name, knobs, ms)
         results.append((knobs, ms))
     return results
