@@ -117,7 +117,7 @@ def test_tuner_records_gather_vs_shuffle_choice(tmp_path, monkeypatch):
     # fake timings (no compiling): the choice must follow the measurement
     fake_ms = {"gather": 2.0, "pshufb256": 1.0, "pshufb512": 0.9, "vpermb512": 0.5}
     monkeypatch.setattr(tuning, "compile_kernel", lambda func, name, target: None)
-    monkeypatch.setattr(tuning, "time_kernel", lambda fn, args: fake_ms[fn.kernel])
+    monkeypatch.setattr(tuning, "time_kernel", lambda fn, args, clock=None: fake_ms[fn.kernel])
     avx2 = Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 1})
     db = tune_kernels([spec], avx2, tmp_path, trials=2)
     rec = TuningDatabase(tmp_path).records[tuning.workload_key(spec, avx2)]

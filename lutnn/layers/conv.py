@@ -123,10 +123,12 @@ class LUTConv2d(LUTBase):
         b = x.shape[0]
         h_out, w_out = self.output_size(x.shape[2], x.shape[3])
         if self.fused_ste():
-            with self._fp32(x):
-                return ste_conv2d(x.float(), self.prototypes, self.weight, self.bias, self.log_tau, self.kernel_size,
-                                  self.dilation, self.padding, self.stride, (h_out, w_out),
-                                  self.ste_impl == "compiled")
+            with self._fp32(x):  # fp32 codes and sums for fp16/bf16 layers too; output in the weight's dtype
+                b32 = None if self.bias is None else self.bias.float()
+                y = ste_conv2d(x.float(), self.prototypes.float(), self.weight.float(), b32, self.log_tau.float(),
+                               self.kernel_size, self.dilation, self.padding, self.stride, (h_out, w_out),
+                               self.ste_impl == "compiled")
+                return y.to(self.weight.dtype)
         y = self._matmul_rows(self.rows(x))  # [B*L, M]
         y = y.reshape(b, h_out * w_out, self.out_channels).transpose(1, 2)
         return y.reshape(b, self.out_channels, h_out, w_out)
