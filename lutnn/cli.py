@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("lutnn.tools.profile:main", "MACs/FLOPs and size of a model and its LUT conversion"),
     "kmeans-bench": ("lutnn.tools.bench_kmeans:main", "time every k-means engine on a run's calibration rows"),
     "maddness": ("lutnn.tools.maddness_compare:main", "MADDness vs k-means encoders on digits activations"),
+    "study": ("lutnn.tools.study:main", "dense / MADDness / k-means / LUT-NN (+recon, int8) per model on the test split"),
     "tensorrt": ("lutnn.tools.trt:main", "torch-tensorrt latency of dense and LUT models (GPU; tensorrt_op.py)"),
 }
 

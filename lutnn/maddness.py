@@ -218,3 +218,33 @@ class MaddnessLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, C={self.num_codebooks}, K={self.num_prototypes}, "
                 f"levels={self.split_dims.shape[1]}")
+
+
+class MaddnessConv2d(nn.Module):
+    """``nn.Conv2d`` (groups=1) as MADDness over its im2col rows: the conv analogue of
+    :class:`MaddnessLinear`, with rows ordered like :meth:`lutnn.LUTConv2d.rows` ``(cin, kh, kw)``."""
+
+    def __init__(self, linear: MaddnessLinear, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("MaddnessConv2d needs groups=1, zeros padding and numeric padding")
+        self.linear = linear
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rows: Tensor, **kwargs) -> "MaddnessConv2d":
+        """Fit on im2col ``rows [N, Cin*kh*kw]`` of calibration inputs; ``kwargs`` as :meth:`MaddnessLinear.fit`."""
+        weight = conv.weight.detach().reshape(conv.out_channels, -1)
+        return cls(MaddnessLinear.fit(rows, weight, conv.bias, **kwargs), conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        h_out, w_out = (
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride)
+        )
+        patches = torch.nn.functional.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        y = self.linear(patches.transpose(1, 2))  # [B, L, M]
+        return y.transpose(1, 2).reshape(b, self.out_channels, h_out, w_out)

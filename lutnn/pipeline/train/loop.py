@@ -3,8 +3,14 @@
 One call to :func:`fit` trains ``cfg.epochs`` epochs, evaluates after each (LUT layers
 in table-lookup mode), writes ``last`` and, on a new best validation top-1, ``best``
 checkpoints, and logs tensorboard scalars. With ``resume=True`` it continues from
-``last`` exactly: weights, optimiser, scheduler, AMP scaler, RNG states and the data
-order (a function of ``(seed, epoch)`` only) are all restored.
+``last`` exactly: weights, optimiser, scheduler, AMP scaler, RNG states, the weight EMA,
+the early-stopping state and the data order (a function of ``(seed, epoch)`` only) are
+all restored.
+
+Recipe knobs (:class:`OptimConfig`): ``ema_decay`` validates (and saves as ``ema``, which
+:func:`lutnn.pipeline.models.load_state` prefers) an EMA of the weights; ``early_stop_patience``
+ends training after that many epochs without a better validation top-1; ``recon_weight``
+adds the per-layer reconstruction loss of :mod:`.recon`.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from ...progress import progress
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distill import total_loss
 from .distributed import DistEnv
+from .ema import ModelEma
+from .recon import ReconstructionLoss
 from .schedule import build_optimizer, build_scheduler
 
 
@@ -44,6 +52,15 @@ class FitResult:
     steps: int
     best_top1: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def epochs_since_best(history: list[dict[str, Any]]) -> int:
+    """Epochs after the one with the highest validation top-1 (the first such epoch on ties)."""
+    if not history:
+        return 0
+    top = [row["val_top1"] for row in history]
+    return len(top) - 1 - top.index(max(top))
 
 
 def _autocast(device: torch.device, cfg: OptimConfig):
@@ -79,7 +96,9 @@ def fit(
     if teacher is not None:
         teacher.eval()
 
-    start_epoch, step, best, history = 0, 0, float("-inf"), []
+    ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+    recon = ReconstructionLoss(model) if cfg.recon_weight > 0 else None
+    start_epoch, step, best, history, stopped = 0, 0, float("-inf"), [], False
     if resume and paths.last.is_file():
         ckpt = load_checkpoint(paths.last)
         model.load_state_dict(ckpt["model"])
@@ -87,7 +106,10 @@ def fit(
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         start_epoch, step, best, history = ckpt["epoch"], ckpt["step"], ckpt["best_top1"], ckpt["history"]
+        stopped = ckpt.get("stopped_early", False)
 
     writer = None
     if env.is_main and paths.tensorboard is not None:
@@ -96,7 +118,7 @@ def fit(
         writer = SummaryWriter(str(paths.tensorboard), purge_step=step if step else None)
 
     layers = lut_layers(model)
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs if not stopped else start_epoch):
         set_epoch(train_loader, epoch, seed)
         ddp_model.train()
         t0 = time.perf_counter()
@@ -112,6 +134,8 @@ def fit(
                         t_logits = teacher(x)
                 loss = total_loss(logits, y, t_logits, distill.weight if use_kd else 0.0,
                                   distill.temperature if use_kd else 1.0, cfg.label_smoothing)
+                if recon is not None:
+                    loss = loss + cfg.recon_weight * recon.pop()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.clip_grad is not None:
@@ -120,6 +144,8 @@ def fit(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update(model)
             step += 1
             n = y.numel()
             sums += torch.tensor([loss.item() * n, (logits.argmax(1) == y).sum().item(), n], dtype=torch.float64)
@@ -132,7 +158,8 @@ def fit(
                 for name, layer in layers.items():
                     writer.add_scalar(f"{stage}/tau/{name}", layer.temperature.item(), step)
         sums = env.all_reduce_sum(sums.to(device) if device.type == "cuda" else sums).cpu()
-        val = evaluate(model, eval_loader, device, env, desc=f"{stage} eval")
+        with ema.applied(model) if ema is not None else nullcontext():
+            val = evaluate(model, eval_loader, device, env, desc=f"{stage} eval")
         row = {
             "epoch": epoch + 1, "step": step, "train_loss": sums[0].item() / sums[2].item(),
             "train_top1": 100 * sums[1].item() / sums[2].item(), "val_loss": val.loss, "val_top1": val.top1,
@@ -141,6 +168,7 @@ def fit(
         history.append(row)
         is_best = val.top1 > best
         best = max(best, val.top1)
+        stopped = cfg.early_stop_patience is not None and epochs_since_best(history) >= cfg.early_stop_patience
         if writer is not None:
             for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5"):
                 writer.add_scalar(f"{stage}/epoch/{key}", row[key], step)
@@ -149,7 +177,8 @@ def fit(
             state = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                "epoch": epoch + 1, "step": step, "best_top1": best, "history": history, **(extra_state or {}),
+                "epoch": epoch + 1, "step": step, "best_top1": best, "history": history, "stopped_early": stopped,
+                **({"ema": ema.state_dict()} if ema is not None else {}), **(extra_state or {}),
             }
             save_checkpoint(paths.last, state, paths.best if is_best and paths.best else None)
             if paths.history is not None:
@@ -157,7 +186,13 @@ def fit(
             print(f"[{stage}] epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} "
                   f"train top-1 {row['train_top1']:.2f}% val top-1 {val.top1:.2f}% ({row['seconds']:.1f}s)",
                   flush=True)
+            if stopped:
+                print(f"[{stage}] early stop: no better val top-1 for {cfg.early_stop_patience} epochs", flush=True)
         env.barrier()
+        if stopped:
+            break
+    if recon is not None:
+        recon.remove()
     if writer is not None:
         writer.close()
-    return FitResult(len(history), step, best, history)
+    return FitResult(len(history), step, best, history, stopped)
