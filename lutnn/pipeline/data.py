@@ -319,11 +319,10 @@ def check_data_config(cfg: DataConfig, where: str) -> None:
     """Registry checks of ``data``: a known dataset, and its local root when it needs one."""
     if cfg.name not in DATASETS:
         raise ConfigError(f"{where}: data.name: unknown dataset {cfg.name!r}; known: {sorted(DATASETS)}")
-    if DATASETS[cfg.name].needs_root:
-        if cfg.root is None:
-            raise ConfigError(f"{where}: data.root: dataset {cfg.name!r} needs a local path (data.root)")
-        if not Path(cfg.root).expanduser().exists():
-            raise ConfigError(f"{where}: data.root: path {cfg.root!r} does not exist")
+    if DATASETS[cfg.name].needs_root and cfg.root is None:
+        raise ConfigError(f"{where}: data.root: dataset {cfg.name!r} needs a local path (data.root)")
+    if cfg.root is not None and not Path(cfg.root).expanduser().exists():
+        raise ConfigError(f"{where}: data.root: path {cfg.root!r} does not exist")
 
 
 def build_splits(cfg: DataConfig) -> Splits:
