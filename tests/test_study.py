@@ -27,7 +27,8 @@ def _study(tmp_path, **over) -> dict:
             "cnn": {"model": {"source": "lutnn", "name": "resnet9", "kwargs": {"width": 4}},
                     "lut": {"num_prototypes": 8, "layer_types": ["conv2d"], "include": ["layer*"]}},
             "vit": deit,
-            "vit_v8": {**deit, "teacher_from": "vit", "lut": {**deit["lut"], "subvec_len": 8}},
+            "vit_v8": {**deit, "teacher_from": "vit", "lut": {**deit["lut"], "subvec_len": 8},
+                       "methods": ["dense", "kmeans", "lutnn"]},
         },
     }
     study.update(over)
@@ -54,6 +55,7 @@ def test_study_config_file_validates():
     ({"models": {}}, "models: give at least one model"),
     ({"extra": 1}, "unknown key extra"),
     ({"maddness": {"levels": 9}}, "maddness: need 1 <= levels <= 8"),
+    ({"models": {"m": {"methods": ["dense", "x"]}}}, "models.m.methods: unknown ['x']"),
 ])
 def test_study_config_errors(tmp_path, change, message):
     with pytest.raises(ConfigError) as info:
@@ -77,7 +79,8 @@ def test_study_smoke_on_digits(tmp_path, capsys):
     assert main(["--config", str(path)]) == 0
     out = tmp_path / "study"
     rows = json.loads((out / "study.json").read_text())["rows"]
-    assert [(r["model"], r["method"]) for r in rows] == [(m, k) for m in ("cnn", "vit", "vit_v8") for k in METHODS]
+    expected = [(m, k) for m in ("cnn", "vit") for k in METHODS] + [("vit_v8", k) for k in ("dense", "kmeans", "lutnn")]
+    assert [(r["model"], r["method"]) for r in rows] == expected
     for r in rows:
         assert 0 <= r["top1"] <= r["top5"] <= 100 and r["images"] == 32 and r["split"] == "validation"
     by = {(r["model"], r["method"]): r for r in rows}

@@ -65,7 +65,8 @@ class MaddnessSettings:
 class StudyConfig:
     output_dir: str = "runs/study"
     base: dict[str, Any] = field(default_factory=dict)  # run config shared by every model
-    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> run config sections over base
+    # name -> run config sections over base, plus optional teacher_from (a model above) and methods
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     recon_weight: float = 1.0  # train.recon_weight of the *_recon methods
     int8_granularity: Literal["output", "codebook"] = "output"
@@ -84,15 +85,22 @@ class StudyModel:
     name: str
     run: dict[str, Any]  # resolved run-config mapping of the LUT-NN run (no output_dir)
     teacher_from: str | None
+    methods: list[str]
+
+
+def _check_methods(methods: Any, where: str, key: str) -> None:
+    if not isinstance(methods, list):
+        raise ConfigError(f"{where}: {key}: expected a list of methods, got {methods!r}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"{where}: {key}: unknown {unknown}; known: {list(METHODS)}")
 
 
 def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyConfig, list[StudyModel]]:
     """Read and validate a study config: schema, methods, and every model's run config."""
     where = str(path)
     cfg = parse_section(StudyConfig, read_config(path, overrides), where)
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"{where}: methods: unknown {unknown}; known: {list(METHODS)}")
+    _check_methods(cfg.methods, where, "methods")
     if not cfg.models:
         raise ConfigError(f"{where}: models: give at least one model")
     if cfg.recon_weight <= 0:
@@ -106,6 +114,8 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyCo
             raise ConfigError(f"{where}: models.{name}: expected a mapping of run config sections")
         entry = dict(entry)
         teacher_from = entry.pop("teacher_from", None)
+        methods = entry.pop("methods", cfg.methods)
+        _check_methods(methods, where, f"models.{name}.methods")
         run = _merge(cfg.base, entry)
         if teacher_from is not None:
             done = {sm.name: sm for sm in models}
@@ -114,7 +124,7 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyCo
             if run.get("model") != done[teacher_from].run.get("model"):
                 raise ConfigError(f"{where}: models.{name}.teacher_from: model section differs from {teacher_from!r}'s")
         config_from_dict({**run, "output_dir": str(Path(cfg.output_dir) / name)}, f"{where}: models.{name}")
-        models.append(StudyModel(name, run, teacher_from))
+        models.append(StudyModel(name, run, teacher_from, list(methods)))
     return cfg, models
 
 
@@ -171,7 +181,7 @@ class Study:
 
     # one model --------------------------------------------------------------------------
     def run_model(self, sm: StudyModel) -> list[dict[str, Any]]:
-        methods = self.cfg.methods
+        methods = sm.methods
         mdir = self.root / sm.name
         rows_path, timings_path = mdir / "rows.json", mdir / "timings.json"
         rows = json.loads(rows_path.read_text()) if rows_path.is_file() else {}
