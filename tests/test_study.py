@@ -93,3 +93,22 @@ def test_study_smoke_on_digits(tmp_path, capsys):
     mtime = (out / "cnn" / "rows.json").stat().st_mtime
     assert main(["--config", str(path)]) == 0
     assert (out / "cnn" / "rows.json").stat().st_mtime == mtime
+
+
+def test_maddness_conv2d_is_maddness_over_im2col_rows():
+    import torch
+
+    from lutnn import LUTConv2d
+    from lutnn.maddness import MaddnessConv2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, stride=2)
+    x = torch.randn(8, 4, 9, 9)
+    rows = LUTConv2d.from_dense(conv).rows(x)  # [8 * 5 * 5, 36], ordered (cin, kh, kw)
+    layer = MaddnessConv2d.from_conv(conv, rows, subvec_len=9, levels=3)
+    y = layer(x)
+    exact = conv(x)
+    assert y.shape == exact.shape == (8, 6, 5, 5)
+    assert torch.allclose(y, layer.linear(rows).reshape(8, 25, 6).transpose(1, 2).reshape(8, 6, 5, 5))
+    assert layer.linear.num_codebooks == 4 and layer.linear.num_prototypes == 8
+    assert (y - exact).norm() < 0.8 * exact.norm()  # an approximation, not noise

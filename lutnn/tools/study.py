@@ -254,7 +254,7 @@ class Study:
         results: list[dict[str, Any]] = []
         for sm in self.models:
             results += self.run_model(sm)
-        write_report(self.root, results, self.cfg, self.models)
+            write_report(self.root, results, self.cfg, self.models)  # a partial report survives a crash
         return results
 
 
