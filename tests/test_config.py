@@ -118,6 +118,11 @@ def test_impossible_values(tmp_path):
     assert "distill.weight" in _error(_write(tmp_path, distill={"weight": 1.5}))
     assert "train.epochs" in _error(_write(tmp_path, train={"epochs": 0}))
     assert "data.val_fraction" in _error(_write(tmp_path, data={"val_fraction": 1.0}))
+    assert "train.ema_decay: must be in (0, 1)" in _error(_write(tmp_path, train={"ema_decay": 1.0}))
+    assert "train.early_stop_patience: must be > 0" in _error(_write(tmp_path, train={"early_stop_patience": 0}))
+    assert "train.recon_weight: must be >= 0" in _error(_write(tmp_path, train={"recon_weight": -1.0}))
+    assert "teacher.recon_weight: the dense teacher" in _error(_write(tmp_path, teacher={"recon_weight": 1.0}))
+    assert "num_threads: must be > 0" in _error(_write(tmp_path, num_threads=0))
 
 
 def test_unknown_model(tmp_path):

@@ -260,6 +260,8 @@ def _check_values(cfg: RunConfig, where: str) -> None:
         _require(o.recon_weight >= 0, where, f"{section}.recon_weight", f"must be >= 0, got {o.recon_weight}")
     t = cfg.teacher.checkpoint
     _require(t is None or Path(t).expanduser().is_file(), where, "teacher.checkpoint", f"file {t!r} does not exist")
+    _require(cfg.teacher.recon_weight == 0, where, "teacher.recon_weight",
+             "the dense teacher has no LUT layers to reconstruct; set train.recon_weight")
     _require(cfg.train.epochs > 0, where, "train.epochs", "must be > 0")
     _require(cfg.teacher.checkpoint is not None or cfg.teacher.epochs > 0, where, "teacher.epochs",
              "must be > 0 when teacher.checkpoint is null (the teacher is trained here)")
