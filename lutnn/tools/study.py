@@ -277,7 +277,8 @@ def findings(results: list[dict[str, Any]]) -> list[str]:
         if best is not None:
             gap = -best["delta_top1"]
             verdict = "within" if gap <= 1.0 else "NOT within"
-            out.append(f"{name}: best retrained LUT ({METHODS[best['method']]}) is {gap:+.2f} points below dense "
+            side = f"{gap:.2f} points below" if gap >= 0 else f"{-gap:.2f} points above"
+            out.append(f"{name}: best retrained LUT ({METHODS[best['method']]}) is {side} dense "
                        f"({verdict} 1.0 point).")
             for base in ("maddness", "kmeans"):
                 if base in rows:
