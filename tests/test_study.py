@@ -43,7 +43,8 @@ def _write(tmp_path, study: dict):
 
 def test_study_config_file_validates():
     cfg, models = load_study(ROOT / "configs" / "study_fashion.yaml")
-    assert [m.name for m in models] == ["resnet9", "deit_v4", "deit_v8"]
+    assert [m.name for m in models] == ["resnet9", "deit_v4", "deit_v8", "deit_v4_long", "resnet9_long"]
+    assert models[3].methods == ["dense", "lutnn"] and models[3].run["train"]["epochs"] == 6
     assert cfg.methods == list(METHODS)
     assert models[2].teacher_from == "deit_v4" and models[2].run["lut"]["subvec_len"] == 8
     assert models[0].run["data"]["name"] == "fashion_mnist"  # base merged under each model
