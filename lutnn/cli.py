@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "maddness": ("lutnn.tools.maddness_compare:main", "MADDness vs k-means encoders on digits activations"),
     "sweep": ("lutnn.tools.sweep:main", "per-layer sensitivity, progressive replacement, calibration convergence"),
     "table-key-cost": ("lutnn.tools.table_key_cost:main", "per-call cost of the table-cache checksum"),
+    "study": ("lutnn.tools.study:main", "dense / MADDness / k-means / LUT-NN (+recon, int8) per model on the test split"),
     "tensorrt": ("lutnn.tools.trt:main", "torch-tensorrt latency of dense and LUT models (GPU; tensorrt_op.py)"),
 }
 

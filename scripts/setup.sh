@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install lutnn with everything it needs. Idempotent.
+# Create .venv (if missing) and install lutnn with everything it needs, and the Fashion-MNIST data of
+# configs/default.yaml (Debian package dataset-fashion-mnist). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+FMNIST=/usr/share/datasets/fashion-mnist
+if [ ! -f "$FMNIST/t10k-labels-idx1-ubyte.gz" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+      || echo "setup: apt-get could not install dataset-fashion-mnist; configs/default.yaml needs it (see below)"
+  fi
+  [ -f "$FMNIST/t10k-labels-idx1-ubyte.gz" ] || echo "setup: Fashion-MNIST not found in $FMNIST: run 'apt-get install dataset-fashion-mnist' as root (Debian/Ubuntu), or put {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz in a folder and pass --set data.root=FOLDER"
+fi
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

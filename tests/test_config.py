@@ -28,11 +28,14 @@ def _error(path: Path, overrides=()) -> str:
 def test_default_config_loads():
     cfg = load_config(ROOT / "configs" / "default.yaml")
     assert isinstance(cfg, RunConfig)
-    assert cfg.data.name == "digits" and cfg.data.root is None
+    assert cfg.data.name == "fashion_mnist" and cfg.data.root is None  # None: the Debian package's directory
+    digits = load_config(ROOT / "configs" / "digits.yaml")
+    assert digits.data.name == "digits"
     assert cfg.lut_config().num_prototypes == cfg.lut["num_prototypes"]
 
 
-@pytest.mark.parametrize("name", ["resnet18_cifar10.yaml", "deit_tiny_imagenet.yaml"])
+@pytest.mark.parametrize("name", ["resnet18_cifar10.yaml", "resnet9_cifar10.yaml", "deit_tiny_imagenet.yaml",
+                                  "deit3_small_imagenet.yaml"])
 def test_real_data_configs_validate_with_a_data_root(tmp_path, name):
     path = ROOT / "configs" / name
     assert "data.root" in _error(path)  # the shipped path does not exist here
@@ -115,6 +118,11 @@ def test_impossible_values(tmp_path):
     assert "distill.weight" in _error(_write(tmp_path, distill={"weight": 1.5}))
     assert "train.epochs" in _error(_write(tmp_path, train={"epochs": 0}))
     assert "data.val_fraction" in _error(_write(tmp_path, data={"val_fraction": 1.0}))
+    assert "train.ema_decay: must be in (0, 1)" in _error(_write(tmp_path, train={"ema_decay": 1.0}))
+    assert "train.early_stop_patience: must be > 0" in _error(_write(tmp_path, train={"early_stop_patience": 0}))
+    assert "train.recon_weight: must be >= 0" in _error(_write(tmp_path, train={"recon_weight": -1.0}))
+    assert "teacher.recon_weight: the dense teacher" in _error(_write(tmp_path, teacher={"recon_weight": 1.0}))
+    assert "num_threads: must be > 0" in _error(_write(tmp_path, num_threads=0))
 
 
 def test_unknown_model(tmp_path):
@@ -128,3 +136,32 @@ def test_cli_prints_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "lut.num_prototypes" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _converted(cfg) -> dict:
+    import torch
+
+    from lutnn import convert_, lut_layers
+    from lutnn.pipeline.models import create_model
+
+    with torch.device("meta"):
+        model = create_model(cfg.model, 10)
+    convert_(model, cfg.lut_config())
+    return {name: (m.subvec_len, m.num_prototypes) for name, m in lut_layers(model).items()}
+
+
+def test_deit3_small_partial_recipe(tmp_path):
+    cfg = load_config(ROOT / "configs" / "deit3_small_imagenet.yaml", [f"data.root={tmp_path}"])
+    layers = _converted(cfg)
+    assert sorted(layers) == sorted(f"blocks.{b}.{n}" for b in (9, 10, 11) for n in ("attn.qkv", "mlp.fc1"))
+    assert set(layers.values()) == {(32, 16)}
+    assert (cfg.model.name, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay) == \
+        ("deit3_small_patch16_224", "adamw", 5e-4, 0.1)
+    assert (cfg.train.ema_decay, cfg.train.label_smoothing, cfg.distill.weight) == (0.999, 0.1, 0.8)
+
+
+def test_resnet9_every_conv_but_the_stem(tmp_path):
+    cfg = load_config(ROOT / "configs" / "resnet9_cifar10.yaml", [f"data.root={tmp_path}"])
+    layers = _converted(cfg)
+    assert len(layers) == 7 and not any(name.startswith("stem") for name in layers)
+    assert set(layers.values()) == {(9, 16)}

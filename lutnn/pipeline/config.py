@@ -33,8 +33,8 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int = 256
     num_workers: int = 0
-    val_fraction: float = 0.2  # digits: held-out share of the 1797 images
-    split_seed: int = 0  # digits: fixed split, independent of the run seed
+    val_fraction: float = 0.2  # digits, fashion_mnist: held-out share of the training images (validation)
+    split_seed: int = 0  # fixed stratified split, independent of the run seed
     train_limit: int | None = None  # use only the first N training samples (tests, smoke runs)
     eval_limit: int | None = None
     augment: Literal["none", "shift", "crop_flip", "timm"] = "none"
@@ -44,9 +44,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """A timm or torchvision architecture by name; ``pretrained`` is always off (no downloads)."""
+    """A timm, torchvision or lutnn (``lutnn.pipeline.models.LUTNN_MODELS``) architecture by name;
+    ``pretrained`` is always off (no downloads)."""
 
-    source: Literal["timm", "torchvision"] = "timm"
+    source: Literal["timm", "torchvision", "lutnn"] = "timm"
     name: str = "deit_tiny_patch16_224"
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -68,6 +69,9 @@ class OptimConfig:
     amp: bool = True  # autocast on CUDA only; ignored on CPU
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or its step is skipped
+    ema_decay: float | None = None  # EMA of the weights (e.g. 0.999); validated and saved as best; None = off
+    early_stop_patience: int | None = None  # stop after N epochs without a better val top-1; None = off
+    recon_weight: float = 0.0  # per-layer reconstruction loss of LUT layers (eLUT-NN); 0 = off
 
 
 @dataclass
@@ -108,6 +112,7 @@ class RunConfig:
     seed: int = 0
     output_dir: str = "runs/default"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int | None = None  # torch intra-op CPU threads; None = torch's default (1 is fastest on a busy CPU)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -249,8 +254,15 @@ def _check_values(cfg: RunConfig, where: str) -> None:
         _require(0 <= o.min_lr_ratio <= 1, where, f"{section}.min_lr_ratio", "must be in [0, 1]")
         _require(o.clip_grad is None or o.clip_grad > 0, where, f"{section}.clip_grad", "must be > 0 or null")
         _require(0 <= o.label_smoothing < 1, where, f"{section}.label_smoothing", "must be in [0, 1)")
+        _require(o.ema_decay is None or 0 < o.ema_decay < 1, where, f"{section}.ema_decay",
+                 f"must be in (0, 1) or null, got {o.ema_decay}")
+        _require(o.early_stop_patience is None or o.early_stop_patience > 0, where,
+                 f"{section}.early_stop_patience", f"must be > 0 or null, got {o.early_stop_patience}")
+        _require(o.recon_weight >= 0, where, f"{section}.recon_weight", f"must be >= 0, got {o.recon_weight}")
     t = cfg.teacher.checkpoint
     _require(t is None or Path(t).expanduser().is_file(), where, "teacher.checkpoint", f"file {t!r} does not exist")
+    _require(cfg.teacher.recon_weight == 0, where, "teacher.recon_weight",
+             "the dense teacher has no LUT layers to reconstruct; set train.recon_weight")
     _require(cfg.train.epochs > 0, where, "train.epochs", "must be > 0")
     _require(cfg.teacher.checkpoint is not None or cfg.teacher.epochs > 0, where, "teacher.epochs",
              "must be > 0 when teacher.checkpoint is null (the teacher is trained here)")
@@ -260,11 +272,19 @@ def _check_values(cfg: RunConfig, where: str) -> None:
     _require(0 <= cfg.distill.weight <= 1, where, "distill.weight", f"must be in [0, 1], got {cfg.distill.weight}")
     _require(cfg.distill.temperature > 0, where, "distill.temperature", "must be > 0")
     _require(cfg.log.every_steps > 0, where, "log.every_steps", "must be > 0")
+    _require(cfg.num_threads is None or cfg.num_threads > 0, where, "num_threads", "must be > 0 or null")
     _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, where, "device",
              f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 
 
 # --------------------------------------------------------------------------- entry points
+
+def parse_section(cls: type, data: Mapping[str, Any], where: str, prefix: str = ""):
+    """Build dataclass ``cls`` from a mapping with the run config's type checks (other tools' configs)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: {prefix or 'top level'}: expected a mapping, got {type(data).__name__}")
+    return _build(cls, data, prefix, where)
+
 
 def parse_config(data: Mapping[str, Any], where: str = "<config>") -> RunConfig:
     """Build a :class:`RunConfig` from a mapping, checking types and values (no registries)."""

@@ -3,6 +3,10 @@
 * ``digits``      — scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes):
   real data that needs no download. Grey images become 3-channel tensors resized to
   ``data.image_size``; the train/val split is stratified and fixed by ``data.split_seed``.
+* ``fashion_mnist`` — Fashion-MNIST (or any MNIST-format set) from IDX files in ``data.root``
+  (default: the Debian package ``dataset-fashion-mnist``'s directory): 60,000 training images,
+  of which a stratified ``data.val_fraction`` is held out for checkpoint selection, and the
+  10,000-image **test** split that final results are reported on.
 * ``cifar10``     — torchvision ``CIFAR10(root, download=False)`` (``root/cifar-10-batches-py``).
 * ``imagefolder`` — ``root/train/<class>/*`` and ``root/val/<class>/*`` (the ImageNet layout).
 
@@ -11,6 +15,8 @@ data is missing; nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import gzip
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from .cli import first_line
 from .config import ConfigError, DataConfig
 
 
@@ -29,9 +36,18 @@ class DataError(RuntimeError):
 
 @dataclass
 class Splits:
+    """``eval`` selects checkpoints during training; ``test`` (when the dataset has one apart from
+    ``eval``) is what final results are reported on."""
+
     train: Dataset
     eval: Dataset
     num_classes: int
+    test: Dataset | None = None
+
+    @property
+    def report(self) -> tuple[str, Dataset]:
+        """``(split name, dataset)`` that final accuracies are measured on."""
+        return ("test", self.test) if self.test is not None else ("validation", self.eval)
 
 
 @dataclass(frozen=True)
@@ -103,27 +119,114 @@ def image_transforms(cfg: DataConfig, train: bool):
 
 # --------------------------------------------------------------------------- datasets
 
+def _to_model_input(images: Tensor, cfg: DataConfig) -> Tensor:
+    """Grey ``[N, 1, h, w]`` in [0, 1] -> normalised 3-channel ``[N, 3, S, S]`` (S = ``data.image_size``)."""
+    if images.shape[-1] != cfg.image_size:
+        images = F.interpolate(images, size=(cfg.image_size,) * 2, mode="bilinear", align_corners=False)
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+    return (images.expand(-1, 3, -1, -1) - mean) / std
+
+
+def _stratified_split(labels: Tensor, cfg: DataConfig) -> tuple[list[int], list[int]]:
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(list(range(len(labels))), test_size=cfg.val_fraction, random_state=cfg.split_seed,
+                            stratify=labels.numpy())
+
+
+def _shift(cfg: DataConfig) -> RandomShift | None:
+    return RandomShift(max(1, cfg.image_size // 8)) if cfg.augment in ("shift", "crop_flip", "timm") else None
+
+
 @register_dataset("digits", needs_root=False)
 def _digits(cfg: DataConfig) -> Splits:
     try:
         from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
     except ImportError:
         raise DataError("dataset 'digits' needs scikit-learn: pip install scikit-learn") from None
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
-    images = F.interpolate(images, size=(cfg.image_size,) * 2, mode="bilinear", align_corners=False)
-    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
-    images = (images.expand(-1, 3, -1, -1) - mean) / std
+    images = _to_model_input(images, cfg)
     labels = torch.tensor(digits.target, dtype=torch.long)
-    train_idx, val_idx = train_test_split(
-        list(range(len(labels))), test_size=cfg.val_fraction, random_state=cfg.split_seed, stratify=digits.target
-    )
-    shift = RandomShift(max(1, cfg.image_size // 8)) if cfg.augment in ("shift", "crop_flip", "timm") else None
-    train = TransformedTensors(images[train_idx].contiguous(), labels[train_idx], shift)
+    train_idx, val_idx = _stratified_split(labels, cfg)
+    train = TransformedTensors(images[train_idx].contiguous(), labels[train_idx], _shift(cfg))
     val = TransformedTensors(images[val_idx].contiguous(), labels[val_idx], None)
     return Splits(train, val, 10)
+
+
+# IDX element types (the third magic byte) -> (numpy dtype string, big-endian)
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+IDX_FILES = {  # split -> (images, labels) base names; a ".gz" or a raw file is accepted
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_HINT = ("install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist; "
+                      "bash scripts/setup.sh does it as root) or put the four MNIST-format IDX files in data.root")
+
+
+def read_idx(path: str | Path) -> Tensor:
+    """An IDX file (gzip or raw) as a tensor: big-endian header ``0 0 <type> <ndim>``, ``ndim`` int32 sizes, data."""
+    import numpy as np
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise DataError(f"{path}: cannot read IDX file ({first_line(err)})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES or raw[3] == 0:
+        raise DataError(f"{path}: not an IDX file (bad magic {raw[:4].hex() or 'empty'})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    expected = header + dtype.itemsize * int(np.prod(shape))
+    if len(raw) != expected:
+        raise DataError(f"{path}: IDX header says shape {tuple(shape)} ({expected} bytes) but the file has {len(raw)}")
+    data = np.frombuffer(raw, dtype, offset=header).reshape(shape)
+    return torch.from_numpy(data.astype(dtype.newbyteorder("="), copy=True))
+
+
+def _idx_path(root: Path, base: str) -> Path:
+    for name in (base + ".gz", base):
+        if (root / name).is_file():
+            return root / name
+    raise DataError(f"{root / (base + '.gz')}: missing (nor {base} raw); {FASHION_MNIST_HINT}")
+
+
+def load_idx_split(root: str | Path, split: str) -> tuple[Tensor, Tensor]:
+    """``(images uint8 [N, H, W], labels int64 [N])`` of an MNIST-format split (``train`` or ``test``)."""
+    root = Path(root).expanduser()
+    img_path, lbl_path = (_idx_path(root, base) for base in IDX_FILES[split])
+    images, labels = read_idx(img_path), read_idx(lbl_path)
+    if images.dim() != 3:
+        raise DataError(f"{img_path}: expected images [N, H, W], got shape {tuple(images.shape)}")
+    if labels.dim() != 1 or len(labels) != len(images):
+        raise DataError(f"{lbl_path}: expected {len(images)} labels, got shape {tuple(labels.shape)}")
+    return images, labels.long()
+
+
+@register_dataset("fashion_mnist", needs_root=False)
+def _fashion_mnist(cfg: DataConfig) -> Splits:
+    root = cfg.root or FASHION_MNIST_ROOT
+    images, labels = load_idx_split(root, "train")
+    test_images, test_labels = load_idx_split(root, "test")
+    num_classes = int(max(labels.max(), test_labels.max())) + 1
+
+    def prepare(x: Tensor) -> Tensor:
+        return _to_model_input(x.float().unsqueeze(1) / 255.0, cfg).contiguous()
+
+    train_idx, val_idx = _stratified_split(labels, cfg)
+    train_idx, val_idx = torch.tensor(train_idx), torch.tensor(val_idx)
+    train = TransformedTensors(prepare(images[train_idx]), labels[train_idx], _shift(cfg))
+    val = TransformedTensors(prepare(images[val_idx]), labels[val_idx], None)
+    test = TransformedTensors(prepare(test_images), test_labels, None)
+    return Splits(train, val, num_classes, test)
 
 
 def _cifar10_class():
@@ -216,11 +319,10 @@ def check_data_config(cfg: DataConfig, where: str) -> None:
     """Registry checks of ``data``: a known dataset, and its local root when it needs one."""
     if cfg.name not in DATASETS:
         raise ConfigError(f"{where}: data.name: unknown dataset {cfg.name!r}; known: {sorted(DATASETS)}")
-    if DATASETS[cfg.name].needs_root:
-        if cfg.root is None:
-            raise ConfigError(f"{where}: data.root: dataset {cfg.name!r} needs a local path (data.root)")
-        if not Path(cfg.root).expanduser().exists():
-            raise ConfigError(f"{where}: data.root: path {cfg.root!r} does not exist")
+    if DATASETS[cfg.name].needs_root and cfg.root is None:
+        raise ConfigError(f"{where}: data.root: dataset {cfg.name!r} needs a local path (data.root)")
+    if cfg.root is not None and not Path(cfg.root).expanduser().exists():
+        raise ConfigError(f"{where}: data.root: path {cfg.root!r} does not exist")
 
 
 def build_splits(cfg: DataConfig) -> Splits:

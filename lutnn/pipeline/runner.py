@@ -2,7 +2,8 @@
 
 ``teacher`` (train or load the dense model) -> ``prototypes`` (calibrate + k-means) ->
 ``train`` (convert, load prototypes, retrain with optional distillation) -> ``eval``
-(top-1/top-5 of all three models). A stage whose output already exists is skipped, so
+(top-1/top-5 of all three models on the dataset's test split; the validation split
+selects checkpoints). A stage whose output already exists is skipped, so
 re-running a crashed command continues where it stopped; training resumes from
 ``checkpoints/last.pt``.
 """
@@ -20,6 +21,7 @@ from ..calibrate import capture_rows, init_prototypes, init_report_markdown
 from .config import ConfigError, RunConfig, config_diff, save_config
 from ..convert import convert, lut_layers
 from .data import Splits, build_splits, input_size, make_loader, set_epoch
+from .models import load_weights
 from .evaluate import Accuracy, evaluate, plot_history, results_markdown, write_results
 from ..faults import fault_point
 from ..io import load_prototypes, save_prototypes, write_text_atomic
@@ -40,6 +42,8 @@ class Pipeline:
 
     def __init__(self, cfg: RunConfig, env: DistEnv | None = None) -> None:
         self.cfg = cfg
+        if cfg.num_threads is not None:
+            torch.set_num_threads(cfg.num_threads)
         self.env = env or init_distributed(cfg.device)
         self.paths = RunPaths(Path(cfg.output_dir))
         self._splits: Splits | None = None
@@ -58,6 +62,10 @@ class Pipeline:
     def loader(self, train: bool):
         ds = self.splits.train if train else self.splits.eval
         return make_loader(ds, self.cfg.data, train, self.cfg.seed, self.env.rank, self.env.world)
+
+    def report_loader(self):
+        """Loader of the split final results are reported on (test when the dataset has one)."""
+        return make_loader(self.splits.report[1], self.cfg.data, False, self.cfg.seed, self.env.rank, self.env.world)
 
     def teacher(self) -> torch.nn.Module:
         if not self.paths.teacher.is_file():
@@ -99,9 +107,10 @@ class Pipeline:
             self.log(f"[teacher] loaded {weights}")
         else:
             fit(model, self.loader(True), self.loader(False), t,
-                FitPaths(self.paths.teacher_last, history=self.paths.history("teacher"),
-                         tensorboard=self._tb()),
+                FitPaths(self.paths.teacher_last, self.paths.teacher_best, self.paths.history("teacher"),
+                         self._tb()),
                 self.env, stage="teacher", seed=self.cfg.seed, log_every=self.cfg.log.every_steps, resume=resume)
+            load_weights(model, self.paths.teacher_best)  # best validation top-1 (its EMA when on)
         if self.env.is_main:
             save_checkpoint(self.paths.teacher, {"model": model.state_dict()})
         self.env.barrier()
@@ -135,8 +144,9 @@ class Pipeline:
         if last.is_file():
             if not resume:
                 raise RunError(f"{last} exists: pass --resume to continue that run, or use a new output_dir")
-            if load_checkpoint(last)["epoch"] >= self.cfg.train.epochs:
-                self.log(f"[train] {last} has finished all {self.cfg.train.epochs} epochs, skipping")
+            ckpt = load_checkpoint(last)
+            if ckpt["epoch"] >= self.cfg.train.epochs or ckpt.get("stopped_early", False):
+                self.log(f"[train] {last} has finished ({ckpt['epoch']}/{self.cfg.train.epochs} epochs), skipping")
                 return None
         if not self.paths.prototypes.is_file():
             raise RunError(f"{self.paths.prototypes}: no prototypes yet (run prototype_learning.py first)")
@@ -158,12 +168,11 @@ class Pipeline:
             return {k: Accuracy(**v) for k, v in json.loads(p.results_json.read_text()).items() if k != "meta"}
         if not p.best.is_file():
             raise RunError(f"{p.best}: no retrained checkpoint yet (run train.py first)")
-        loader, dev = self.loader(False), self.env.device
+        loader, dev = self.report_loader(), self.env.device
         teacher = self.teacher()
         init_model = build_lut(self.cfg, teacher)
         load_prototypes(init_model, p.prototypes)
-        retrained = build_lut(self.cfg, teacher)
-        retrained.load_state_dict(load_checkpoint(p.best)["model"])
+        retrained = load_weights(build_lut(self.cfg, teacher), p.best)
         results = {}
         for key, model, desc in (("teacher", teacher, "teacher"), ("kmeans_init", init_model, "k-means init"),
                                  ("retrained", retrained, "retrained")):
@@ -171,11 +180,12 @@ class Pipeline:
             results[key] = evaluate(model.to(dev), loader, dev, self.env, desc=f"eval {desc}")
         if self.env.is_main:
             meta = {
-                "dataset": f"{self.cfg.data.name} (eval split, {results['teacher'].count} images)",
+                "dataset": f"{self.cfg.data.name} ({self.splits.report[0]} split, {results['teacher'].count} images)",
                 "model": f"{self.cfg.model.source}:{self.cfg.model.name} {self.cfg.model.kwargs}",
                 "input_size": list(input_size(self.cfg.data)),
                 "lut_layers": len(lut_layers(retrained)),
-                "checkpoint": "best (highest validation top-1 during retraining)",
+                "checkpoint": "best (highest validation top-1 during retraining"
+                              + (", EMA weights)" if self.cfg.train.ema_decay is not None else ")"),
                 "distillation": self.cfg.distill.enabled,
                 "inference": "model.eval(), LUT mode auto -> hard codes + tables",
             }

@@ -7,9 +7,10 @@ Layout of ``<run_dir>`` (``output_dir`` in the config)::
     prototypes.safetensors      k-means prototypes (lutnn.save_prototypes format)
     init_report.{md,json}       per-layer reconstruction error of the k-means init
     checkpoints/{last,best}.pt  LUT retraining checkpoints (model/optimizer/scheduler/RNG state)
-    checkpoints/teacher_last.pt teacher-training checkpoint (resume)
+    checkpoints/teacher_{last,best}.pt teacher-training checkpoints (resume; teacher.pt = best)
     history_{teacher,lut}.json  per-epoch metrics; curves.png plots them
-    results.{json,md}           top-1/top-5 of teacher, k-means init and retrained LUT model
+    results.{json,md}           top-1/top-5 of teacher, k-means init and retrained LUT model on the
+                                test split (the validation split when the dataset has no test split)
     tb/                         tensorboard event files
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ class RunPaths:
     last = property(lambda self: self.root / "checkpoints" / "last.pt")
     best = property(lambda self: self.root / "checkpoints" / "best.pt")
     teacher_last = property(lambda self: self.root / "checkpoints" / "teacher_last.pt")
+    teacher_best = property(lambda self: self.root / "checkpoints" / "teacher_best.pt")
     results_json = property(lambda self: self.root / "results.json")
     results_md = property(lambda self: self.root / "results.md")
     init_report_md = property(lambda self: self.root / "init_report.md")
@@ -85,5 +87,5 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> LoadedRun:
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: no such checkpoint (run train.py on {paths.root} first)")
     load_weights(lut, ckpt).eval()
-    return LoadedRun(cfg, lut, dense, make_loader(splits.eval, cfg.data, train=False), splits.num_classes,
+    return LoadedRun(cfg, lut, dense, make_loader(splits.report[1], cfg.data, train=False), splits.num_classes,
                      input_size(cfg.data))

@@ -3,8 +3,14 @@
 One call to :func:`fit` trains ``cfg.epochs`` epochs, evaluates after each (LUT layers
 in table-lookup mode), writes ``last`` and, on a new best validation top-1, ``best``
 checkpoints, and logs tensorboard scalars. With ``resume=True`` it continues from
-``last`` exactly: weights, optimiser, scheduler, AMP scaler, RNG states and the data
-order (a function of ``(seed, epoch)`` only) are all restored.
+``last`` exactly: weights, optimiser, scheduler, AMP scaler, RNG states, the weight EMA,
+the early-stopping state and the data order (a function of ``(seed, epoch)`` only) are
+all restored.
+
+Recipe knobs (:class:`OptimConfig`): ``ema_decay`` validates (and saves as ``ema``, which
+:func:`lutnn.pipeline.models.load_state` prefers) an EMA of the weights; ``early_stop_patience``
+ends training after that many epochs without a better validation top-1; ``recon_weight``
+adds the per-layer reconstruction loss of :mod:`.recon`.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ from ...progress import progress
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distill import total_loss
 from .distributed import DistEnv
+from .ema import ModelEma
+from .recon import ReconstructionLoss
 from .schedule import build_optimizer, build_scheduler
 
 
@@ -46,6 +54,15 @@ class FitResult:
     steps: int
     best_top1: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def epochs_since_best(history: list[dict[str, Any]]) -> int:
+    """Epochs after the one with the highest validation top-1 (the first such epoch on ties)."""
+    if not history:
+        return 0
+    top = [row["val_top1"] for row in history]
+    return len(top) - 1 - top.index(max(top))
 
 
 class NonFiniteError(RuntimeError):
@@ -95,7 +112,9 @@ def fit(
     if teacher is not None:
         teacher.eval()
 
-    start_epoch, step, best, history = 0, 0, float("-inf"), []
+    ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+    recon = ReconstructionLoss(model) if cfg.recon_weight > 0 else None
+    start_epoch, step, best, history, stopped = 0, 0, float("-inf"), [], False
     saved_epoch = None
     if resume and paths.last.is_file():
         ckpt = load_checkpoint(paths.last)
@@ -104,8 +123,11 @@ def fit(
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         start_epoch, step, best, history = ckpt["epoch"], ckpt["step"], ckpt["best_top1"], ckpt["history"]
         saved_epoch = start_epoch
+        stopped = ckpt.get("stopped_early", False)
 
     writer = None
     if env.is_main and paths.tensorboard is not None:
@@ -114,7 +136,7 @@ def fit(
         writer = SummaryWriter(str(paths.tensorboard), purge_step=step if step else None)
 
     layers = lut_layers(model)
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs if not stopped else start_epoch):
         set_epoch(train_loader, epoch, seed)
         ddp_model.train()
         t0 = time.perf_counter()
@@ -131,6 +153,8 @@ def fit(
                         t_logits = teacher(x)
                 loss = total_loss(logits, y, t_logits, distill.weight if use_kd else 0.0,
                                   distill.temperature if use_kd else 1.0, cfg.label_smoothing)
+                if recon is not None:
+                    loss = loss + cfg.recon_weight * recon.pop()
             optimizer.zero_grad(set_to_none=True)
             # every rank decides together: one rank skipping backward would hang DDP's all-reduce
             nonfinite = env.all_reduce_sum(torch.tensor([float(not torch.isfinite(loss))], device=loss.device))
@@ -149,6 +173,8 @@ def fit(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update(model)
             step += 1
             fault_point(f"{stage}_step")
             n = y.numel()
@@ -163,7 +189,8 @@ def fit(
                     writer.add_scalar(f"{stage}/tau/{name}", layer.temperature.item(), step)
         sums = env.all_reduce_sum(sums.to(device) if device.type == "cuda" else sums).cpu()
         train_seconds = time.perf_counter() - t0  # loss.item() synchronised every step
-        val = evaluate(model, eval_loader, device, env, desc=f"{stage} eval")
+        with ema.applied(model) if ema is not None else nullcontext():
+            val = evaluate(model, eval_loader, device, env, desc=f"{stage} eval")
         row = {
             "epoch": epoch + 1, "step": step, "train_loss": sums[0].item() / sums[2].item(),
             "train_top1": 100 * sums[1].item() / sums[2].item(), "val_loss": val.loss, "val_top1": val.top1,
@@ -173,6 +200,7 @@ def fit(
         history.append(row)
         is_best = val.top1 > best
         best = max(best, val.top1)
+        stopped = cfg.early_stop_patience is not None and epochs_since_best(history) >= cfg.early_stop_patience
         if writer is not None:
             for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5"):
                 writer.add_scalar(f"{stage}/epoch/{key}", row[key], step)
@@ -181,7 +209,8 @@ def fit(
             state = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                "epoch": epoch + 1, "step": step, "best_top1": best, "history": history, **(extra_state or {}),
+                "epoch": epoch + 1, "step": step, "best_top1": best, "history": history, "stopped_early": stopped,
+                **({"ema": ema.state_dict()} if ema is not None else {}), **(extra_state or {}),
             }
             save_checkpoint(paths.last, state, paths.best if is_best and paths.best else None)
             saved_epoch = epoch + 1
@@ -190,7 +219,13 @@ def fit(
             print(f"[{stage}] epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} "
                   f"train top-1 {row['train_top1']:.2f}% val top-1 {val.top1:.2f}% ({row['seconds']:.1f}s)",
                   flush=True)
+            if stopped:
+                print(f"[{stage}] early stop: no better val top-1 for {cfg.early_stop_patience} epochs", flush=True)
         env.barrier()
+        if stopped:
+            break
+    if recon is not None:
+        recon.remove()
     if writer is not None:
         writer.close()
-    return FitResult(len(history), step, best, history)
+    return FitResult(len(history), step, best, history, stopped)

@@ -1,0 +1,115 @@
+"""``lutnn study``: config validation and a tiny end-to-end run on digits."""
+import json
+
+import pytest
+import yaml
+
+from lutnn.pipeline.config import ConfigError
+from lutnn.tools.study import METHODS, load_study, main
+from pipeline_cfg import tiny_config
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _study(tmp_path, **over) -> dict:
+    base = tiny_config(tmp_path / "unused")
+    base.pop("output_dir")
+    base["data"].update(image_size=8, train_limit=64, eval_limit=32)
+    base["teacher"]["epochs"] = 1
+    base["train"]["epochs"] = 1
+    base["log"] = {"tensorboard": False, "plot": False}
+    deit = {"model": base.pop("model"), "lut": base.pop("lut")}
+    study = {
+        "output_dir": str(tmp_path / "study"),
+        "base": base,
+        "maddness": {"max_rows": 256},
+        "models": {
+            "cnn": {"model": {"source": "lutnn", "name": "resnet9", "kwargs": {"width": 4}},
+                    "lut": {"num_prototypes": 8, "layer_types": ["conv2d"], "include": ["layer*"]}},
+            "vit": deit,
+            "vit_v8": {**deit, "teacher_from": "vit", "lut": {**deit["lut"], "subvec_len": 8},
+                       "methods": ["dense", "kmeans", "lutnn"]},
+        },
+    }
+    study.update(over)
+    return study
+
+
+def _write(tmp_path, study: dict):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def test_study_config_file_validates():
+    cfg, models = load_study(ROOT / "configs" / "study_fashion.yaml")
+    assert [m.name for m in models] == ["resnet9", "deit_v4", "deit_v8", "deit_v4_long", "resnet9_long"]
+    assert models[3].methods == ["dense", "lutnn"] and models[3].run["train"]["epochs"] == 6
+    assert cfg.methods == list(METHODS)
+    assert models[2].teacher_from == "deit_v4" and models[2].run["lut"]["subvec_len"] == 8
+    assert models[0].run["data"]["name"] == "fashion_mnist"  # base merged under each model
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": ["dense", "magic"]}, "methods: unknown ['magic']"),
+    ({"recon_weight": 0}, "recon_weight: must be > 0"),
+    ({"models": {}}, "models: give at least one model"),
+    ({"extra": 1}, "unknown key extra"),
+    ({"maddness": {"levels": 9}}, "maddness: need 1 <= levels <= 8"),
+    ({"models": {"m": {"methods": ["dense", "x"]}}}, "models.m.methods: unknown ['x']"),
+])
+def test_study_config_errors(tmp_path, change, message):
+    with pytest.raises(ConfigError) as info:
+        load_study(_write(tmp_path, _study(tmp_path, **change)))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_study_model_errors_name_the_model(tmp_path):
+    study = _study(tmp_path)
+    study["models"]["vit"]["lut"] = {"subvec_len": 5, "include": ["blocks.*"]}
+    with pytest.raises(ConfigError, match=r"models\.vit: lut\.subvec_len"):
+        load_study(_write(tmp_path, study))
+    study = _study(tmp_path)
+    study["models"]["vit_v8"]["teacher_from"] = "cnn"
+    with pytest.raises(ConfigError, match=r"models\.vit_v8\.teacher_from: model section differs"):
+        load_study(_write(tmp_path, study))
+
+
+def test_study_smoke_on_digits(tmp_path, capsys):
+    path = _write(tmp_path, _study(tmp_path))
+    assert main(["--config", str(path)]) == 0
+    out = tmp_path / "study"
+    rows = json.loads((out / "study.json").read_text())["rows"]
+    expected = [(m, k) for m in ("cnn", "vit") for k in METHODS] + [("vit_v8", k) for k in ("dense", "kmeans", "lutnn")]
+    assert [(r["model"], r["method"]) for r in rows] == expected
+    for r in rows:
+        assert 0 <= r["top1"] <= r["top5"] <= 100 and r["images"] == 32 and r["split"] == "validation"
+    by = {(r["model"], r["method"]): r for r in rows}
+    assert by[("vit", "dense")]["top1"] == by[("vit_v8", "dense")]["top1"]  # shared teacher
+    assert by[("cnn", "lutnn_recon_int8")]["bytes"] < by[("cnn", "lutnn_recon")]["bytes"]
+    assert (out / "study.png").stat().st_size > 0
+    md = (out / "study.md").read_text()
+    assert "| cnn | MADDness (no retraining) |" in md and "reconstruction loss" in md
+    # everything is kept: a second run measures nothing again
+    mtime = (out / "cnn" / "rows.json").stat().st_mtime
+    assert main(["--config", str(path)]) == 0
+    assert (out / "cnn" / "rows.json").stat().st_mtime == mtime
+
+
+def test_maddness_conv2d_is_maddness_over_im2col_rows():
+    import torch
+
+    from lutnn import LUTConv2d
+    from lutnn.maddness import MaddnessConv2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, stride=2)
+    x = torch.randn(8, 4, 9, 9)
+    rows = LUTConv2d.from_dense(conv).rows(x)  # [8 * 5 * 5, 36], ordered (cin, kh, kw)
+    layer = MaddnessConv2d.from_conv(conv, rows, subvec_len=9, levels=3)
+    y = layer(x)
+    exact = conv(x)
+    assert y.shape == exact.shape == (8, 6, 5, 5)
+    assert torch.allclose(y, layer.lut(rows).reshape(8, 25, 6).transpose(1, 2).reshape(8, 6, 5, 5))
+    assert layer.lut.num_codebooks == 4 and layer.lut.num_prototypes == 8
+    assert (y - exact).norm() < exact.norm()  # closer than no output at all (random 9-dim patches, 8 buckets)
