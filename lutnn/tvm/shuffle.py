@@ -127,7 +127,7 @@ def _pshufb(spec: LookupSpec, rows: int, cols: int) -> tirx.PrimFunc:
     npad = -(-n // rows) * rows
     half = rows // 2
     passes = -(-pairs // PSHUFB_PAIRS_PER_PASS)
-    u8, u16, i32, f32 = f"uint8x{rows}", f"uint16x{half}", f"int32x{half}", f"float32x{half}"
+    u8, u16, i32 = f"uint8x{rows}", f"uint16x{half}", f"int32x{half}"
     intrin = "llvm.x86.avx2.pshuf.b" if rows == 32 else "llvm.x86.avx512.pshuf.b.512"
 
     def lanes(base, count):
