@@ -124,14 +124,29 @@ def test_every_lut_layer_is_on_the_eval_path(family):
     assert bypassed_lut_layers(model, torch.randn(shape)) == []
 
 
+def _config_runs() -> list[tuple[str, dict]]:
+    """Every run config in configs/: plain ones, and each model of a study config (lutnn study)."""
+    from lutnn.pipeline.config import read_config
+    from lutnn.tools.study import load_study
+
+    runs = []
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        raw = read_config(path)
+        if "models" in raw and "base" in raw:
+            runs += [(f"{path.name}:{m.name}", m.run) for m in load_study(path)[1]]
+        else:
+            runs.append((path.name, raw))
+    return runs
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
-def test_config_models_use_every_lut_layer(config):
+@pytest.mark.parametrize("name,raw", _config_runs(), ids=[n for n, _ in _config_runs()])
+def test_config_models_use_every_lut_layer(name, raw):
     """The configs' own models and conversions; ViTs above 32 pixels are built for 32 (same layers, 17 tokens)."""
-    from lutnn.pipeline.config import parse_config, read_config
+    from lutnn.pipeline.config import parse_config
     from lutnn.pipeline.models import create_model
 
-    cfg = parse_config(read_config(ROOT / "configs" / config))
+    cfg = parse_config(raw, name)
     size = cfg.data.image_size
     if cfg.model.source == "timm" and size > 32:
         size, cfg.model.kwargs = 32, {**cfg.model.kwargs, "img_size": 32}

@@ -15,6 +15,7 @@ adds the per-layer reconstruction loss of :mod:`.recon`.
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -69,13 +70,27 @@ class NonFiniteError(RuntimeError):
     """Training produced a NaN/inf loss; the message says where and what can be resumed."""
 
 
+def _finite_grads(model: nn.Module) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+
+
+def _names(names: list[str]) -> str:
+    return f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
+
+
 def _nonfinite_message(stage: str, loss: float, step: int, epoch: int, model: nn.Module,
                        last: Path, saved_epoch: int | None) -> str:
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    where = f"non-finite parameters: {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}" if bad else \
-        "all parameters finite (the batch or the loss itself overflowed)"
+    grads = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    if bad:
+        where = f"non-finite parameters: {_names(bad)}"
+    elif grads and math.isfinite(loss):
+        where = f"all parameters finite; non-finite gradients: {_names(grads)}"
+    else:
+        where = "all parameters finite (the batch or the loss itself overflowed)"
+    what = f"loss is {loss}" if not math.isfinite(loss) else "gradients are non-finite"
     good = f"{last} (epoch {saved_epoch})" if saved_epoch else "none (no epoch finished)"
-    return (f"[{stage}] loss is {loss} at step {step} (epoch {epoch + 1}); {where}; last good checkpoint: {good}; "
+    return (f"[{stage}] {what} at step {step} (epoch {epoch + 1}); {where}; last good checkpoint: {good}; "
             "set nonfinite: skip in this stage's config section to skip such steps")
 
 
@@ -156,17 +171,21 @@ def fit(
                 if recon is not None:
                     loss = loss + cfg.recon_weight * recon.pop()
             optimizer.zero_grad(set_to_none=True)
-            # every rank decides together: one rank skipping backward would hang DDP's all-reduce
-            nonfinite = env.all_reduce_sum(torch.tensor([float(not torch.isfinite(loss))], device=loss.device))
+            # backward on every rank (skipping it on one would hang DDP's all-reduce), then all decide together.
+            # The fused STE's forward does not read tau: a non-finite tau shows only in the gradients, so they
+            # are checked before the step spreads them (a GradScaler skips such steps itself).
+            scaler.scale(loss).backward()
+            finite = bool(torch.isfinite(loss)) and (scaler.is_enabled() or _finite_grads(model))
+            nonfinite = env.all_reduce_sum(torch.tensor([float(not finite)], device=loss.device))
             if nonfinite.item():
                 if cfg.nonfinite != "skip":
                     raise NonFiniteError(_nonfinite_message(stage, loss.item(), step + 1, epoch, model, paths.last,
                                                             saved_epoch))
+                optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 step += 1
                 scheduler.step()
                 continue
-            scaler.scale(loss).backward()
             if cfg.clip_grad is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
@@ -192,8 +211,8 @@ def fit(
         with ema.applied(model) if ema is not None else nullcontext():
             val = evaluate(model, eval_loader, device, env, desc=f"{stage} eval")
         row = {
-            "epoch": epoch + 1, "step": step, "train_loss": sums[0].item() / sums[2].item(),
-            "train_top1": 100 * sums[1].item() / sums[2].item(), "val_loss": val.loss, "val_top1": val.top1,
+            "epoch": epoch + 1, "step": step, "train_loss": sums[0].item() / max(sums[2].item(), 1),
+            "train_top1": 100 * sums[1].item() / max(sums[2].item(), 1), "val_loss": val.loss, "val_top1": val.top1,
             "val_top5": val.top5, "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
             "steps": steps_per_epoch, "skipped_steps": skipped,
         }
