@@ -125,3 +125,22 @@ def test_every_encode_layout_computes_the_same():
     for knobs in space:
         got = _run_encode(compile_kernel(scheduled(spec, TARGET, knobs), "e", TARGET), x, p)
         assert torch.equal(got, LF.encode(x, p)), knobs
+
+
+def test_tvm_thread_pool_leaves_the_process_cpu_mask_alone():
+    """TVM's pool used to pin the main thread to one core, and PyTorch threads started later with it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os; before = os.sched_getaffinity(0)\n"
+            "from lutnn.tvm import EncodeSpec, build_kernel, host_target\n"
+            "from lutnn.tvm.target import set_num_threads\n"
+            "from lutnn.tvm.tuning import random_inputs\n"
+            "import tvm\n"
+            "set_num_threads(1); spec = EncodeSpec(64, 4, 16, 4)\n"
+            "build_kernel(spec, host_target(1))(*[tvm.runtime.tensor(a) for a in random_inputs(spec)])\n"
+            "print(os.sched_getaffinity(0) == before)")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "True"

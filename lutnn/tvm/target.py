@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import os
 
-import tvm
-from tvm.target import Target, codegen
+# TVM's thread pool pins the calling thread to one core when it starts (TVM_BIND_THREADS defaults on):
+# every thread PyTorch or ONNX Runtime starts afterwards inherits that mask, so PyTorch at 2 threads ran
+# ~10x slower in the same process. Set before the pool exists (it starts at the first parallel call).
+os.environ.setdefault("TVM_BIND_THREADS", "0")
+
+import tvm  # noqa: E402
+from tvm.target import Target, codegen  # noqa: E402
 
 
 def host_target(num_threads: int | None = None) -> Target:
