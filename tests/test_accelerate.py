@@ -211,6 +211,13 @@ def test_accelerated_resnet_equals_pytorch_lut(int8):
                 assert y.shape == ref.shape
                 differ = ~torch.isclose(y, ref, rtol=1e-4, atol=1e-4).all(1)  # [B, H, W] output pixels
                 assert int(differ.sum()) <= max(2, differ.numel() // 100), f"{name} batch {batch}: {differ.sum()}"
+    runners = {name: dict(acc_state.runners) for name, acc_state in
+               ((a.name, a) for a in _LAYERS.values() if a.layer_ref() in set(lutnn.lut_layers(acc).values()))}
+    with torch.no_grad():
+        acc(torch.randn(3, 3, 64, 64))  # a repeated shape reuses its runners (no refreeze per call)
+    for a in _LAYERS.values():
+        if a.name in runners:
+            assert all(a.runners[shape] is fn for shape, fn in runners[a.name].items()), a.name
     x = torch.randn(1, 3, 64, 64)
     unaccelerate_(acc)
     with torch.no_grad():

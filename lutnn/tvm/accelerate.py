@@ -210,7 +210,9 @@ class _Accelerated:
 
     @staticmethod
     def state_of(layer: LUTBase) -> tuple:
-        w = layer.weight_2d()
+        # the parameters themselves: weight_2d() of a conv is a new view object on every call, whose id
+        # would read as "changed" and rebuild the runners on every forward
+        w = layer.weight
         return (layer.prototypes._version, id(layer.prototypes), w._version, id(w), id(layer._qtable))
 
     def runner(self, layer: LUTBase, shape: tuple) -> Runner | None:
