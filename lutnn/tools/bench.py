@@ -27,6 +27,7 @@ from torch import nn
 from .dense_baselines import DENSE_PATHS, dense_variant
 from ..layers import LUTLinear
 from ..progress import progress
+from .report import write_report
 
 
 @dataclass
@@ -265,15 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(args.n, args.d, args.v, args.k, args.threads, args.tune_trials, args.tuning_dir,
                not args.no_torch_lut)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     threads = args.threads or torch.get_num_threads()
     header = (f"## LUT layer benchmark (K={args.k}, {threads} threads, {os.cpu_count()} CPUs, "
               f"tune trials {args.tune_trials}, {args.clock} clock)\n")
-    md = to_markdown(rows, header)
-    (out / "bench.md").write_text(md + "\n")
-    plot(rows, out / "bench.png")
-    print(md)
-    print(f"\nwrote {out / 'bench.md'} and {out / 'bench.png'}")
+    write_report(out, "bench", to_markdown(rows, header), lambda path: plot(rows, path))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from torch import nn
 from .. import convert_, lut_layers, quantize_tables_
 from ..layers import LUTConv2d
 from ..progress import progress
+from .report import write_report
 
 
 @dataclass
@@ -176,14 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     rows, whole = run(args.model, args.batch, args.size, args.threads, args.tune_trials, args.tuning_dir,
                       args.exclude, args.torch_lut)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     header = (f"## LUTConv2d kernels: {args.model} {args.size}x{args.size}, batch {args.batch}, int8 tables, "
               f"{args.threads} thread(s), {os.cpu_count()} CPUs, tune trials {args.tune_trials}\n")
-    md = to_markdown(rows, whole, header)
-    (out / "bench_conv.md").write_text(md + "\n")
-    plot(rows, out / "bench_conv.png")
-    print(md)
-    print(f"\nwrote {out / 'bench_conv.md'} and {out / 'bench_conv.png'}")
+    write_report(out, "bench_conv", to_markdown(rows, whole, header), lambda path: plot(rows, path))
 
 
 if __name__ == "__main__":

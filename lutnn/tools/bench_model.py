@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .. import LUTConfig, convert_, lut_layers, quantize_tables_
 from .dense_baselines import dense_variant
+from .report import write_report
 
 # model name -> how it is converted (the setups: DeiT V=8 on the blocks; ResNet default
 # V (kh*kw = 9 for 3x3), V=4 for the 1x1 downsample convs, stem and classifier dense)
@@ -312,11 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"## Whole-model latency ({args.img_size}px, int8 LUT tables, random weights; "
               f"{os.cpu_count()} CPUs, target {host_target(1).attrs['mcpu']}, tune trials {args.tune_trials}, "
               f"{args.clock} clock, median of {args.repeat} samples >= {args.min_ms:g} ms; run took {time.perf_counter() - start:.0f} s)")
-    md = to_markdown(cases, header)
-    (out / "bench_model.md").write_text(md + "\n")
-    plot(cases, out / "bench_model.png")
-    print(md)
-    print(f"\nwrote {out / 'bench_model.md'} and {out / 'bench_model.png'}")
+    write_report(out, "bench_model", to_markdown(cases, header), lambda path: plot(cases, path))
     return 0
 
 
