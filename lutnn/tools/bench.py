@@ -27,7 +27,7 @@ from torch import nn
 from .dense_baselines import DENSE_PATHS, dense_variant
 from ..layers import LUTLinear
 from ..progress import progress
-from .report import write_report
+from .report import CLOCKS, write_report
 
 
 @dataclass
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tuning-dir", default=None, help="tuning database dir (default $LUTNN_TVM_CACHE)")
     ap.add_argument("--no-torch-lut", action="store_true", help="skip the (slow) PyTorch LUT layer")
     ap.add_argument("--out", default="bench_out", help="directory for bench.md and bench.png")
-    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="wall time, or the thread's CPU time (for a loaded shared machine; needs --threads 1)")
     args = ap.parse_args(argv)
     if args.clock == "thread":

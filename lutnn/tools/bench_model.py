@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .. import LUTConfig, convert_, lut_layers, quantize_tables_
 from .dense_baselines import dense_variant
-from .report import write_report
+from .report import CLOCKS, write_report
 
 # model name -> how it is converted (the setups: DeiT V=8 on the blocks; ResNet default
 # V (kh*kw = 9 for 3x3), V=4 for the 1x1 downsample convs, stem and classifier dense)
@@ -154,7 +154,6 @@ def build_row(row: str, dense: nn.Module, lut: nn.Module, x: Tensor, threads: in
     raise ValueError(f"unknown row {row!r}; known: {list(ROWS)}")
 
 
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
 def median_ms(fn: Callable[[Tensor], object], x: Tensor, min_ms: float, repeat: int, clock: str = "wall") -> float:

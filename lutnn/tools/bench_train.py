@@ -23,7 +23,6 @@ import json
 import shutil
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 from ..convert import LUTConfig, convert, lut_layers
 from ..layers import STE_IMPLS, LUTBase, LUTConv2d, LUTLinear
 from ..progress import progress
+from .report import CLOCKS
 
 GROUPS = ("linear", "conv", "deit", "epoch")
 K = 16
@@ -107,7 +107,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
 def time_step(step: Callable[[], None], reps: int, device: torch.device, clock: str = "wall") -> float:
