@@ -303,7 +303,10 @@ def accelerate_(model: nn.Module, config: AccelerateConfig | None = None) -> Acc
     """Run every supported LUT layer of ``model`` through TVM kernels (in place; see module doc).
 
     Layers without a runner stay PyTorch, with a warning naming them. Calling it again
-    re-accelerates (e.g. after a new config).
+    re-accelerates (e.g. after a new config). Tables are frozen per layer and refrozen when a
+    parameter's version or identity changes (optimiser steps, ``load_state_dict``); unlike the
+    eager layer's table cache, edits through ``.data`` are not checksummed on this hot path:
+    call ``accelerate_`` again after them.
     """
     config = config or AccelerateConfig()
     threads = config.threads or torch.get_num_threads()
