@@ -57,8 +57,17 @@ def codes_of(x: Tensor, prototypes: Tensor) -> Tensor:
     c, k, _ = prototypes.shape
     codes = torch.empty(x.shape[0], c, dtype=torch.long, device=x.device)
     for rows in _spans(x.shape[0], chunk_rows(c, k)):
-        codes[rows] = squared_distances(x[rows], prototypes).argmin(-1).T
+        codes[rows] = nearest(x[rows], prototypes)
     return codes
+
+
+def nearest(x: Tensor, prototypes: Tensor) -> Tensor:
+    """Codes ``[N, C]`` of a few rows: ``encode``'s argmin over ``squared_distances``.
+
+    ``min(-1).indices`` returns the same (first) index as ``argmin`` and runs ~20 % faster
+    over an inner dimension of K on CPU.
+    """
+    return squared_distances(x, prototypes).min(-1).indices.T
 
 
 def reconstruct(codes: Tensor, prototypes: Tensor) -> Tensor:
@@ -73,8 +82,8 @@ def soft_backward_chunk(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradient through the soft assignment of one chunk of rows.
 
-    Returns ``(dx [n, D], dzᵀx [C, K, V], Σ_n dz [C, K], Σ dz ⊙ z)``; ``dx`` is final, the
-    other terms are summed over chunks before :meth:`_Grads.finish` scales them.
+    Returns ``(dx [n, D], dzᵀx [C, K, V], Σ_n dz [C, K])``; ``dx`` is final, the other
+    terms are summed over chunks before :meth:`_Grads.finish` scales them.
 
     ``z`` leaves out ``-|x|²/τ``: a per-row constant changes neither the softmax nor, since
     ``Σ_k dz = 0``, ``Σ dz ⊙ z``; the scale ``1/τ`` rides on the ``[C, K]``-sized operands.
@@ -90,7 +99,7 @@ def soft_backward_chunk(
     # ([V, K] x [K, n], [V, n] x [n, K]): 4-6x faster on CPU than [n, K] x [K, V].
     dx = torch.bmm(p_t * (2 * inv_tau), dz.transpose(1, 2)).permute(2, 0, 1).reshape(x.shape)
     dz_x = torch.bmm(split_subvectors(x, c).transpose(1, 2), dz).transpose(1, 2)
-    return dx, dz_x, dz.sum(1), torch.vdot(dz.flatten(), z.flatten())
+    return dx, dz_x, dz.sum(1)
 
 
 def soft_backward_fusable(
@@ -109,7 +118,7 @@ def soft_backward_fusable(
     sg = s * (ds * prototypes).sum(-1)
     dz = sg - s * sg.sum(-1, keepdim=True)
     dx = (dz.unsqueeze(-1) * prototypes).sum(2).reshape(n, c * v) * (2 * inv_tau)
-    return dx, (dz.unsqueeze(-1) * xs).sum(0), dz.sum(0), (dz * z).sum()
+    return dx, (dz.unsqueeze(-1) * xs).sum(0), dz.sum(0)
 
 
 _compiled: dict[str, Callable] = {}
@@ -132,7 +141,6 @@ class _Grads:
         c, k, _ = prototypes.shape
         self.dz_x = torch.zeros_like(prototypes)  # Σ dzᵀ x, [C, K, V]
         self.dz_sum = prototypes.new_zeros(c, k)  # Σ_n dz
-        self.dz_dot_z = prototypes.new_zeros(())  # Σ dz ⊙ z
         self.hard = torch.zeros_like(prototypes)  # Σ_n onehot(code)ᵀ dx̂
         self.dw = torch.zeros_like(weight) if self.need_w else None
         self.db = weight.new_zeros(weight.shape[0]) if self.need_b else None
@@ -149,18 +157,23 @@ class _Grads:
         dx_hat = grad_y @ weight  # [n, D]
         _hard_proto_grad(codes, dx_hat, prototypes, self.hard)
         kernel = compiled_soft_backward() if self.compiled else soft_backward_chunk
-        dx, dz_x, dz_sum, dz_dot_z = kernel(x, dx_hat, prototypes, inv_tau)
+        dx, dz_x, dz_sum = kernel(x, dx_hat, prototypes, inv_tau)
         self.dz_x += dz_x
         self.dz_sum += dz_sum
-        self.dz_dot_z += dz_dot_z
         return dx if self.need_x else None
 
     def finish(self, prototypes: Tensor, inv_tau: Tensor) -> tuple[Tensor | None, ...]:
-        """``(dP, dW, db, d log τ)``."""
+        """``(dP, dW, db, d log τ)``.
+
+        ``Σ dz ⊙ z`` needs no pass over ``[C, N, K]``: with ``z = (2 x·p_k - |p_k|²) / τ`` it is
+        ``(2 Σ P ⊙ dzᵀx - Σ |P|² ⊙ Σ_n dz) / τ``.
+        """
         dp = dtau = None
         if self.need_soft:
+            dz_dot_z = (2 * torch.vdot(prototypes.flatten(), self.dz_x.flatten())
+                        - torch.vdot(prototypes.pow(2).sum(-1).flatten(), self.dz_sum.flatten())) * inv_tau
             dp = self.hard.add_((self.dz_x - prototypes * self.dz_sum.unsqueeze(-1)) * (2 * inv_tau))
-            dtau = -self.dz_dot_z
+            dtau = -dz_dot_z
         return dp, self.dw, self.db, dtau
 
 
@@ -234,7 +247,7 @@ class STEConv2d(torch.autograd.Function):
         table = build_table(prototypes, w2d)
         for imgs in _image_groups(b, length, prototypes):
             rows = _patches(x[imgs], kernel, dilation, padding, stride)
-            chunk_codes = squared_distances(rows, prototypes).argmin(-1).T
+            chunk_codes = nearest(rows, prototypes)
             codes[_rows_of(imgs, length)] = chunk_codes.to(codes.dtype)
             y_rows = table_lookup(chunk_codes, table, bias)  # [g*L, M]
             y[imgs] = y_rows.view(-1, length, m).transpose(1, 2)
