@@ -82,8 +82,9 @@ def soft_backward_chunk(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradient through the soft assignment of one chunk of rows.
 
-    Returns ``(dx [n, D], dzᵀx [C, K, V], Σ_n dz [C, K])``; ``dx`` is final, the other
-    terms are summed over chunks before :meth:`_Grads.finish` scales them.
+    Returns ``(dxᵀ [D, n], dzᵀx [C, K, V], Σ_n dz [C, K], Σ dz ⊙ z)``; ``dx`` is final and comes
+    D-major, the layout ``F.fold`` takes (a conv's ``dx`` needs no transpose before it); the
+    other terms are summed over chunks before :meth:`_Grads.finish` scales them.
 
     ``z`` leaves out ``-|x|²/τ``: a per-row constant changes neither the softmax nor, since
     ``Σ_k dz = 0``, ``Σ dz ⊙ z``; the scale ``1/τ`` rides on the ``[C, K]``-sized operands.
@@ -97,9 +98,9 @@ def soft_backward_chunk(
     dz = sg.addcmul_(s, sg.sum(-1, keepdim=True), value=-1.0)  # s ⊙ (G - Σ s ⊙ G)
     # Both K-contractions run with the long row dimension as the GEMMs' output columns
     # ([V, K] x [K, n], [V, n] x [n, K]): 4-6x faster on CPU than [n, K] x [K, V].
-    dx = torch.bmm(p_t * (2 * inv_tau), dz.transpose(1, 2)).permute(2, 0, 1).reshape(x.shape)
+    dx_t = torch.bmm(p_t * (2 * inv_tau), dz.transpose(1, 2)).view(x.shape[1], x.shape[0])
     dz_x = torch.bmm(split_subvectors(x, c).transpose(1, 2), dz).transpose(1, 2)
-    return dx, dz_x, dz.sum(1)
+    return dx_t, dz_x, dz.sum(1), torch.vdot(dz.flatten(), z.flatten())
 
 
 def soft_backward_fusable(
@@ -118,7 +119,7 @@ def soft_backward_fusable(
     sg = s * (ds * prototypes).sum(-1)
     dz = sg - s * sg.sum(-1, keepdim=True)
     dx = (dz.unsqueeze(-1) * prototypes).sum(2).reshape(n, c * v) * (2 * inv_tau)
-    return dx, (dz.unsqueeze(-1) * xs).sum(0), dz.sum(0)
+    return dx.T, (dz.unsqueeze(-1) * xs).sum(0), dz.sum(0), (dz * z).sum()
 
 
 _compiled: dict[str, Callable] = {}
@@ -141,13 +142,14 @@ class _Grads:
         c, k, _ = prototypes.shape
         self.dz_x = torch.zeros_like(prototypes)  # Σ dzᵀ x, [C, K, V]
         self.dz_sum = prototypes.new_zeros(c, k)  # Σ_n dz
+        self.dz_dot_z = prototypes.new_zeros(())  # Σ dz ⊙ z
         self.hard = torch.zeros_like(prototypes)  # Σ_n onehot(code)ᵀ dx̂
         self.dw = torch.zeros_like(weight) if self.need_w else None
         self.db = weight.new_zeros(weight.shape[0]) if self.need_b else None
 
     def rows(self, x: Tensor, grad_y: Tensor, codes: Tensor, prototypes: Tensor, weight: Tensor,
              inv_tau: Tensor) -> Tensor | None:
-        """Accumulate one chunk's gradients; return its ``dx`` rows (``None`` if not needed)."""
+        """Accumulate one chunk's gradients; return its ``dxᵀ [D, n]`` (``None`` if not needed)."""
         if self.need_w:
             self.dw.addmm_(grad_y.T, reconstruct(codes, prototypes))
         if self.need_b:
@@ -157,23 +159,18 @@ class _Grads:
         dx_hat = grad_y @ weight  # [n, D]
         _hard_proto_grad(codes, dx_hat, prototypes, self.hard)
         kernel = compiled_soft_backward() if self.compiled else soft_backward_chunk
-        dx, dz_x, dz_sum = kernel(x, dx_hat, prototypes, inv_tau)
+        dx_t, dz_x, dz_sum, dz_dot_z = kernel(x, dx_hat, prototypes, inv_tau)
         self.dz_x += dz_x
         self.dz_sum += dz_sum
-        return dx if self.need_x else None
+        self.dz_dot_z += dz_dot_z
+        return dx_t if self.need_x else None
 
     def finish(self, prototypes: Tensor, inv_tau: Tensor) -> tuple[Tensor | None, ...]:
-        """``(dP, dW, db, d log τ)``.
-
-        ``Σ dz ⊙ z`` needs no pass over ``[C, N, K]``: with ``z = (2 x·p_k - |p_k|²) / τ`` it is
-        ``(2 Σ P ⊙ dzᵀx - Σ |P|² ⊙ Σ_n dz) / τ``.
-        """
+        """``(dP, dW, db, d log τ)``."""
         dp = dtau = None
         if self.need_soft:
-            dz_dot_z = (2 * torch.vdot(prototypes.flatten(), self.dz_x.flatten())
-                        - torch.vdot(prototypes.pow(2).sum(-1).flatten(), self.dz_sum.flatten())) * inv_tau
             dp = self.hard.add_((self.dz_x - prototypes * self.dz_sum.unsqueeze(-1)) * (2 * inv_tau))
-            dtau = -dz_dot_z
+            dtau = -self.dz_dot_z
         return dp, self.dw, self.db, dtau
 
 
@@ -213,9 +210,9 @@ class STEMatmul(torch.autograd.Function):
         acc = _Grads(prototypes, weight, ctx.needs_input_grad[:5], ctx.compiled)
         dx = torch.empty_like(x) if acc.need_x else None
         for rows in _spans(x.shape[0], chunk_rows(*prototypes.shape[:2])):
-            dx_rows = acc.rows(x[rows], grad_y[rows], codes[rows], prototypes, weight, inv_tau)
+            dx_t = acc.rows(x[rows], grad_y[rows], codes[rows], prototypes, weight, inv_tau)
             if dx is not None:
-                dx[rows] = dx_rows
+                dx[rows] = dx_t.T
         return (dx, *acc.finish(prototypes, inv_tau), None)
 
 
@@ -271,9 +268,9 @@ class STEConv2d(torch.autograd.Function):
         for imgs in _image_groups(b, length, prototypes):
             rows = _patches(x[imgs], kernel, dilation, padding, stride)
             g_rows = grad_y[imgs].transpose(1, 2).reshape(-1, m)
-            dx_rows = acc.rows(rows, g_rows, codes[_rows_of(imgs, length)], prototypes, w2d, inv_tau)
-            if dx is not None:
-                cols = dx_rows.view(-1, length, rows.shape[1]).transpose(1, 2)
+            dx_t = acc.rows(rows, g_rows, codes[_rows_of(imgs, length)], prototypes, w2d, inv_tau)
+            if dx is not None:  # [D, g*L] -> fold's [g, D, L]: a view for one image per group
+                cols = dx_t.reshape(rows.shape[1], -1, length).transpose(0, 1)
                 dx[imgs] = F.fold(cols, x.shape[2:], kernel, dilation, padding, stride)
         dp, dw, db, dtau = acc.finish(prototypes, inv_tau)
         return dx, dp, None if dw is None else dw.view_as(weight), db, dtau, None, None
