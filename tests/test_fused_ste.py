@@ -6,6 +6,7 @@ import lutnn.pipeline.train.loop as loop
 from lutnn import LUTConv2d, LUTLinear
 from lutnn.convert import lut_layers
 from lutnn.layers import fused
+from lutnn.layers.functional import encode, squared_distances
 from lutnn.pipeline import Pipeline, load_config
 from pipeline_cfg import tiny_config, write_config
 
@@ -63,6 +64,7 @@ def test_linear_gradients_match_reference(v, k, small_chunks):
     _assert_parity(layer, x)
 
 
+@pytest.mark.parametrize("rows_per_chunk", [7, 1000])  # one image per group; all five images in one group
 @pytest.mark.parametrize("kwargs", [
     dict(kernel_size=3, stride=1, padding=1),
     dict(kernel_size=3, stride=2, padding=0),
@@ -70,7 +72,8 @@ def test_linear_gradients_match_reference(v, k, small_chunks):
     dict(kernel_size=(1, 3), stride=(2, 1), padding="same", subvec_len=1),
     dict(kernel_size=1, subvec_len=2),
 ])
-def test_conv_gradients_match_reference(kwargs, small_chunks):
+def test_conv_gradients_match_reference(kwargs, rows_per_chunk, monkeypatch):
+    monkeypatch.setattr(fused, "chunk_rows", lambda num_codebooks, num_prototypes: rows_per_chunk)
     torch.manual_seed(0)
     x = torch.randn(5, 4, 9, 8)
     layer = LUTConv2d(4, 6, **kwargs)
@@ -87,6 +90,15 @@ def test_bf16_autocast_matches_reference(make, small_chunks):
     x = torch.randn(4, 4, 6, 6) if isinstance(layer, LUTConv2d) else torch.randn(40, 32)
     rows = layer.rows(x)
     _assert_parity(_init(layer, rows), x, autocast=True)
+
+
+def test_codes_are_encode_argmin_with_ties(small_chunks):
+    """Chunked ``min().indices`` codes are ``encode``'s argmin to the index, ties (first index) included."""
+    torch.manual_seed(0)
+    x = torch.randint(-1, 2, (40, 12)).float()  # integer data: many exactly equal distances
+    prototypes = torch.randint(-1, 2, (3, 16, 4)).float()
+    assert torch.equal(fused.codes_of(x, prototypes), encode(x, prototypes).long())
+    assert (squared_distances(x, prototypes) == squared_distances(x, prototypes).amin(-1, keepdim=True)).sum(-1).gt(1).any()
 
 
 @pytest.mark.parametrize("v", [1, 4, 9])
