@@ -53,6 +53,7 @@ class Result:
     case: Case
     ms: dict[str, float] = field(default_factory=dict)  # dense / reference / fused -> median step
     mib: dict[str, float] = field(default_factory=dict)  # same keys -> peak memory above start
+    ops: list[tuple[str, float, int]] = field(default_factory=list)  # --ops: (op, self CPU ms, calls)
 
     def ratio(self, impl: str, table: dict[str, float]) -> float:
         return table[impl] / table["dense"]
@@ -148,7 +149,19 @@ def peak_mib(step: Callable[[], None], device: torch.device) -> float:
     return peak / 2**20
 
 
-def run_case(case: Case, reps: int, device: torch.device, impls: list[str], clock: str = "wall") -> Result:
+def top_ops(step: Callable[[], None], count: int) -> list[tuple[str, float, int]]:
+    """The ``count`` operators with the most self CPU time in one step (torch.profiler): where
+    a LUT step spends the time that its dense step does not."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:count]
+    return [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in rows]
+
+
+def run_case(case: Case, reps: int, device: torch.device, impls: list[str], clock: str = "wall",
+             ops: int = 0) -> Result:
     torch.manual_seed(0)
     dense, lut, x = case.make()
     dense, lut, x = dense.to(device), lut.to(device), x.to(device)
@@ -160,6 +173,8 @@ def run_case(case: Case, reps: int, device: torch.device, impls: list[str], cloc
         step = _step_fn(module, x.clone(), case.loss)
         res.ms[name] = time_step(step, reps, device, clock)
         res.mib[name] = peak_mib(step, device)
+        if ops and name == impls[-1]:
+            res.ops = top_ops(step, ops)
     return res
 
 
@@ -202,6 +217,11 @@ def to_markdown(results: list[Result], header: str, impls: list[str]) -> str:
             cells = [f"{values[c]:.1f}" for c in cols] + [f"{r.ratio(i, values):.2f}x" for i in impls]
             out.append(f"| {r.case.name} | {' | '.join(cells)} |")
         out.append("")
+    for r in results:
+        if r.ops:
+            out += [f"Top operators of one `{impls[-1]}` step, {r.case.name} (self CPU time, profiler on):", "",
+                    "| operator | ms | calls |", "|---|---:|---:|",
+                    *(f"| `{name}` | {ms:.1f} | {calls} |" for name, ms, calls in r.ops), ""]
     return "\n".join(out)
 
 
@@ -244,13 +264,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="run config whose teacher and LUT epochs the 'epoch' group times")
     ap.add_argument("--impls", nargs="+", choices=STE_IMPLS, default=["reference", "fused", "compiled"],
                     help="LUT ste_impl columns ('compiled' compiles during its warm-up step, untimed)")
+    ap.add_argument("--ops", type=int, default=0, metavar="N",
+                    help="also list the N operators with the most self CPU time in one step of the last --impls")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     selected = [c for c in cases() if c.group in args.only]
     if args.clock == "thread" and (device.type != "cpu" or args.threads != 1):
         ap.error("--clock thread measures only the calling thread: use it with --device cpu --threads 1")
-    results = [run_case(c, args.reps, device, args.impls, args.clock) for c in progress(selected, desc="bench-train")]
+    results = [run_case(c, args.reps, device, args.impls, args.clock, args.ops)
+               for c in progress(selected, desc="bench-train")]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
     header = (f"Training step (forward + backward), {where}, K={K}, median of {args.reps} ({args.clock} clock); "
               f"ratios are against the dense step of the same run.")
