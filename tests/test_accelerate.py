@@ -195,7 +195,7 @@ def test_accelerated_resnet_equals_pytorch_lut(int8):
         lutnn.quantize_tables_(lut, "output")
     lut.eval()
     acc = copy.deepcopy(lut)
-    assert len(accelerate_(acc).accelerated) == 19
+    assert sorted(accelerate_(acc).accelerated) == sorted([*lutnn.lut_layers(acc), "maxpool"])  # + the stem pool
     seen = {}
     for name, layer in lutnn.lut_layers(acc).items():
         layer.register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, (a[0].clone(), o.clone())))

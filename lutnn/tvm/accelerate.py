@@ -4,7 +4,9 @@
     y = model(x)                               # LUT layers: TVM encode + read-accumulate
     lutnn.tvm.unaccelerate_(model)             # back to the eager forward
 
-Only the LUT layers change; attention, norms and activations stay PyTorch. Each layer's
+Only the LUT layers change (plus, by default, ``nn.MaxPool2d``: PyTorch's NCHW max-pool is a
+scalar loop that cost ResNet-18 more than its LUT encodes, :mod:`.pool`); attention, norms
+and activations stay PyTorch. Each layer's
 ``forward`` is overridden on the instance (undo deletes the override, so the class forward
 returns exactly). Per input shape a layer gets a *runner* from :data:`RUNNERS` (keyed by
 layer type): a closure over pre-built kernels, its frozen tables and a preallocated codes
@@ -49,11 +51,12 @@ class RunnerFactory(Protocol):
 
 
 # layer type -> runner factory (or "module:function", imported on first use)
-RUNNERS: dict[type[LUTBase], RunnerFactory | str] = {}
+RUNNERS: dict[type[nn.Module], RunnerFactory | str] = {}
 
 
-def register_runner(layer_type: type[LUTBase], factory: RunnerFactory | str) -> None:
-    """Make ``accelerate_`` run layers of exactly ``layer_type`` through ``factory``."""
+def register_runner(layer_type: type[nn.Module], factory: RunnerFactory | str) -> None:
+    """Make ``accelerate_`` run layers of exactly ``layer_type`` through ``factory`` (a type
+    that is not a LUT layer is a non-LUT op, run when ``AccelerateConfig.non_lut_ops``)."""
     RUNNERS[layer_type] = factory
 
 
@@ -185,6 +188,7 @@ def linear_runner(layer: LUTLinear, x_shape: tuple[int, ...], *, target: Target 
 
 register_runner(LUTLinear, linear_runner)
 register_runner(LUTConv2d, "lutnn.tvm.conv:conv_runner")
+register_runner(nn.MaxPool2d, "lutnn.tvm.pool:max_pool_runner")
 
 
 def output_shape(layer: LUTBase, x_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -209,7 +213,9 @@ class _Accelerated:
     state: tuple = ()
 
     @staticmethod
-    def state_of(layer: LUTBase) -> tuple:
+    def state_of(layer: nn.Module) -> tuple:
+        if not isinstance(layer, LUTBase):  # a non-LUT op (max-pool): nothing frozen
+            return ()
         # the parameters themselves: weight_2d() of a conv is a new view object on every call, whose id
         # would read as "changed" and rebuild the runners on every forward
         w = layer.weight
@@ -246,7 +252,10 @@ def accelerated_lut(x: Tensor, handle: int) -> Tensor:
 
 @accelerated_lut.register_fake
 def _(x: Tensor, handle: int) -> Tensor:
-    return x.new_empty(output_shape(_LAYERS[handle].layer_ref(), tuple(x.shape)))
+    layer = _LAYERS[handle].layer_ref()
+    if not isinstance(layer, LUTBase):  # a non-LUT op: its own forward on fake tensors gives the shape
+        return type(layer).forward(layer, x)
+    return x.new_empty(output_shape(layer, tuple(x.shape)))
 
 
 def _attach(layer: LUTBase, acc: _Accelerated) -> None:
@@ -258,8 +267,8 @@ def _attach(layer: LUTBase, acc: _Accelerated) -> None:
     layer._lutnn_accelerated = handle
 
 
-def _forward(layer: LUTBase, x: Tensor) -> Tensor:
-    if layer.effective_mode() != "lut":
+def _forward(layer: nn.Module, x: Tensor) -> Tensor:
+    if isinstance(layer, LUTBase) and layer.effective_mode() != "lut":
         return type(layer).forward(layer, x)
     if torch.compiler.is_compiling():
         return torch.ops.lutnn.accelerated_lut(x, layer._lutnn_accelerated)
@@ -280,12 +289,14 @@ def _forward(layer: LUTBase, x: Tensor) -> Tensor:
 class AccelerateConfig:
     """``target``: default ``host_target(torch.get_num_threads())``; ``tuning_dir``: the tuning
     database (default ``$LUTNN_TVM_CACHE``); ``tune_trials > 0`` tunes each new kernel shape
-    on first use (slow first call); ``threads``: TVM's thread pool size (default: torch's)."""
+    on first use (slow first call); ``threads``: TVM's thread pool size (default: torch's);
+    ``non_lut_ops``: also run the registered non-LUT modules (``nn.MaxPool2d``) on TVM kernels."""
 
     target: Target | None = None
     tuning_dir: str | Path | None = None
     tune_trials: int = 0
     threads: int | None = None
+    non_lut_ops: bool = True
 
 
 @dataclass
@@ -294,7 +305,7 @@ class AccelerateReport:
     skipped: dict[str, str] = field(default_factory=dict)  # layer name -> reason
 
     def __str__(self) -> str:
-        lines = [f"accelerated {len(self.accelerated)} LUT layers with TVM kernels"]
+        lines = [f"accelerated {len(self.accelerated)} layers with TVM kernels"]
         lines += [f"  stays PyTorch: {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -317,6 +328,9 @@ def accelerate_(model: nn.Module, config: AccelerateConfig | None = None) -> Acc
     report = AccelerateReport()
     for name, layer in model.named_modules():
         if not isinstance(layer, LUTBase):
+            if config.non_lut_ops and type(layer) in RUNNERS:
+                _attach(layer, _Accelerated(name, weakref.ref(layer), _resolve(type(layer)), target, db, 0))
+                report.accelerated.append(name)
             continue
         try:
             factory = _resolve(type(layer))
