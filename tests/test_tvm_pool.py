@@ -48,3 +48,11 @@ def test_accelerate_runs_max_pools_unless_told_not_to():
     unaccelerate_(acc)
     assert not is_accelerated(acc[2]) and "forward" not in acc[2].__dict__
     assert accelerate_(acc, AccelerateConfig(non_lut_ops=False)).accelerated == []
+
+
+def test_nan_propagates_like_pytorch():
+    pool, x = nn.MaxPool2d(3, 2, 1), torch.randn(1, 2, 8, 8)
+    x[0, 0, 3, 3] = x[0, 1, 0, 0] = float("nan")
+    got, ref = max_pool_runner(pool, x.shape)(x), pool(x)
+    assert torch.equal(got.isnan(), ref.isnan()) and int(ref.isnan().sum()) == 5
+    assert torch.equal(got.nan_to_num(), ref.nan_to_num())

@@ -3,7 +3,7 @@
 Why a non-LUT op here: PyTorch's CPU max-pool on NCHW (``channels_first``) inputs is a
 scalar loop; ResNet's stem pool (3x3/2 on 64x112x112) took 6 ms of an accelerated
 ResNet-18's ~25 ms at batch 1, 1 thread (docs/conv_kernels.md), more than all 19 LUT
-encodes together. The kernel computes the same maxima (same elements, exact): a pad pass
+encodes together. The kernel computes the same maxima (same elements, exact, NaNs propagated): a pad pass
 writes ``-inf`` borders, then each output row is a max over ``kh*kw`` strided rows of the
 padded planes, vectorised along the row.
 """
@@ -62,13 +62,13 @@ class MaxPoolSpec:
 
 
 def _window_max(xp: tirx.Buffer, spec: MaxPoolSpec, vb, vc, vi, vj) -> tirx.PrimExpr:
-    """``max`` of the window's taps, in PyTorch's order (rows, then columns)."""
+    """The window's max as PyTorch computes it: any NaN tap makes it NaN."""
     (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
     taps = [xp[vb, vc, vi * sh + ki * dh, vj * sw + kj * dw] for ki in range(kh) for kj in range(kw)]
-    out = taps[0]
-    for tap in taps[1:]:
-        out = tirx.max(out, tap)
-    return out
+    out, nan = taps[0], tirx.isnan(taps[0])
+    for tap in taps[1:]:  # each operand used once: nested Selects over `out` would grow exponentially
+        out, nan = tirx.max(out, tap), tirx.Or(nan, tirx.isnan(tap))
+    return tirx.Select(nan, tirx.const(float("nan"), "float32"), out)
 
 
 def max_pool_func(spec: MaxPoolSpec) -> tirx.PrimFunc:
