@@ -153,11 +153,13 @@ def test_bench_model_quick_writes_markdown_and_png(tmp_path):
     from lutnn.cli import main
 
     assert main(["bench-model", "--quick", "--models", "deit_tiny_patch16_224", "--batch", "1", "--threads", "1",
-                 "--rows", "torch-fp32", "accelerate", "non-lut", "--breakdown", "--out", str(tmp_path)]) == 0
+                 "--rows", "torch-fp32", "accelerate", "accelerate-tvm1", "non-lut", "--breakdown",
+                 "--out", str(tmp_path)]) == 0
     md = (tmp_path / "bench_model.md").read_text()
     assert "### deit_tiny_patch16_224, batch 1, 1 thread" in md
     assert "| PyTorch dense fp32 (best dense) |" in md and "| 1.00x | 1.00x |" in md
     assert "| PyTorch LUT + accelerate_ (TVM kernels) |" in md and "failed" not in md
+    assert "| accelerate_, TVM kernels on 1 thread |" in md
     assert "Where the time goes, PyTorch LUT + accelerate_" in md and "| fc2 | 12 |" in md
     assert (tmp_path / "bench_model.png").stat().st_size > 0
 
