@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lutnn
-from lutnn.tvm import accelerate_, unaccelerate_
+from lutnn.tvm import AccelerateConfig, accelerate_, unaccelerate_
 from lutnn.tvm.accelerate import _LAYERS
 
 
@@ -175,9 +175,11 @@ def test_bench_model_reports_a_failed_row_with_its_reason():
     assert "| PyTorch LUT + accelerate_ (TVM kernels) | failed: UserWarning: layer1.0.conv1" in md
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["fp32-tables", "int8-tables"])
-def test_accelerated_resnet_equals_pytorch_lut(int8):
-    """A torchvision ResNet (3x3 V=9 convs with stride 2, 1x1 V=4 downsamples) through conv_runner.
+@pytest.mark.parametrize("int8,fold_bn", [(False, False), (True, False), (True, True)],
+                         ids=["fp32-tables", "int8-tables", "int8-tables-bn-folded"])
+def test_accelerated_resnet_equals_pytorch_lut(int8, fold_bn):
+    """A torchvision ResNet (3x3 V=9 convs with stride 2, 1x1 V=4 downsamples) through conv_runner;
+    with ``fold_bn`` each conv's BatchNorm runs in its epilogue (the hooked conv output is then ``bn(conv(x))``).
 
     Compared layer by layer on the inputs the accelerated model feeds each layer: the kernel's
     ``|p|^2 - 2 x.p`` rounds differently from PyTorch's distances, so a sub-vector whose two nearest
@@ -196,8 +198,16 @@ def test_accelerated_resnet_equals_pytorch_lut(int8):
     if int8:
         lutnn.quantize_tables_(lut, "output")
     lut.eval()
+    for bn in (m for m in lut.modules() if isinstance(m, nn.BatchNorm2d)):  # non-trivial statistics to fold
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
     acc = copy.deepcopy(lut)
-    assert sorted(accelerate_(acc).accelerated) == sorted([*lutnn.lut_layers(acc), "maxpool"])  # + the stem pool
+    report = accelerate_(acc, AccelerateConfig(fold_bn=fold_bn))
+    assert sorted(report.accelerated) == sorted([*lutnn.lut_layers(acc), "maxpool"])  # + the stem pool
+    bn_of = {conv: bn for bn, conv in report.folded.items()}
+    assert len(bn_of) == (19 if fold_bn else 0)
+    assert not fold_bn or (bn_of["layer2.0.downsample.0"], bn_of["layer4.1.conv2"]) == ("layer2.0.downsample.1",
+                                                                                         "layer4.1.bn2")
+    modules = dict(lut.named_modules())
     seen = {}
     for name, layer in lutnn.lut_layers(acc).items():
         layer.register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, (a[0].clone(), o.clone())))
@@ -209,7 +219,7 @@ def test_accelerated_resnet_equals_pytorch_lut(int8):
             assert len(seen) == 19
             for name, (x, y) in seen.items():
                 layer = eager[name]
-                ref = layer(x)
+                ref = modules[bn_of[name]](layer(x)) if fold_bn else layer(x)
                 assert y.shape == ref.shape
                 differ = ~torch.isclose(y, ref, rtol=1e-4, atol=1e-4).all(1)  # [B, H, W] output pixels
                 assert int(differ.sum()) <= max(2, differ.numel() // 100), f"{name} batch {batch}: {differ.sum()}"
@@ -221,6 +231,11 @@ def test_accelerated_resnet_equals_pytorch_lut(int8):
         if a.name in runners:
             assert all(a.runners[shape] is fn for shape, fn in runners[a.name].items()), a.name
     x = torch.randn(1, 3, 64, 64)
+    if fold_bn:  # training mode: the convs run the STE path and the BatchNorms run themselves
+        acc.train(), lut.train()
+        torch.testing.assert_close(acc(x), lut(x), rtol=1e-4, atol=1e-4)
+        acc.eval(), lut.eval()
     unaccelerate_(acc)
+    assert not any(k.startswith("_lutnn") or k == "forward" for m in acc.modules() for k in m.__dict__)
     with torch.no_grad():
         assert torch.equal(acc(x), lut(x))

@@ -54,8 +54,8 @@ DENSE_ROWS = {
 LUT_ROWS = {
     "torch-lut": "PyTorch LUT eager",
     "accelerate": "PyTorch LUT + accelerate_ (TVM kernels)",
-    # diagnostics of accelerate_: without the non-LUT kernels (max-pool), and with TVM's pool at 1 thread
-    "accelerate-lut-only": "accelerate_, LUT layers only (non_lut_ops=False)",
+    # diagnostics of accelerate_: LUT kernels alone (no max-pool kernel, no BatchNorm folding), and TVM's pool at 1 thread
+    "accelerate-lut-only": "accelerate_, LUT layers only (no max-pool kernel, no BN folding)",
     "accelerate-tvm1": "accelerate_, TVM kernels on 1 thread",
     "tvm-lut": "TVM LUT whole model (compile_model)",
     "non-lut": "non-LUT part alone (LUT layers free)",
@@ -145,7 +145,8 @@ def build_row(row: str, dense: nn.Module, lut: nn.Module, x: Tensor, threads: in
             warnings.simplefilter("error")  # a layer left in PyTorch makes this row a failure, not a mix
             accelerate_(model, AccelerateConfig(target=host_target(tvm_threads), tuning_dir=tuning_dir,
                                                 tune_trials=tune_trials, threads=tvm_threads,
-                                                non_lut_ops=row != "accelerate-lut-only"))
+                                                non_lut_ops=row != "accelerate-lut-only",
+                                                fold_bn=row != "accelerate-lut-only"))
             model(x)  # builds (and tunes) the kernels of this shape
         return model
     from ..tvm.relax_model import compile_model, lut_kernel_specs
