@@ -239,3 +239,32 @@ def test_accelerated_resnet_equals_pytorch_lut(int8, fold_bn):
     assert not any(k.startswith("_lutnn") or k == "forward" for m in acc.modules() for k in m.__dict__)
     with torch.no_grad():
         assert torch.equal(acc(x), lut(x))
+
+
+def test_torch_compile_of_a_cnn_with_folded_bn_and_pool_kernel():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(3, 2, 1), nn.Conv2d(8, 16, 3, padding=1),
+                        nn.BatchNorm2d(16), nn.ReLU()).eval()
+    net[3].running_mean.uniform_(-0.5, 0.5), net[3].running_var.uniform_(0.5, 2)
+    lut, _ = lutnn.convert(net, lutnn.LUTConfig(exclude=["0"], layer_types=["conv2d"]))
+    lutnn.init_prototypes(lut, lutnn.capture_rows(lut, [torch.randn(4, 3, 16, 16)], max_rows=256),
+                          backend="torch", niter=2, seed=0)
+    lut.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = lut(x)
+    report = accelerate_(lut)
+    assert report.accelerated == ["1", "2"] and report.folded == {"3": "2"}
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lut, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(lut(x), ref, rtol=1e-4, atol=1e-4)
+    op = torch.ops.lutnn.accelerated_lut
+    assert len([n for gm in graphs for n in gm.graph.nodes if n.target in (op, op.default)]) == 2
+    assert not [n for gm in graphs for n in gm.graph.nodes if "batch_norm" in str(n.target)]  # folded away
