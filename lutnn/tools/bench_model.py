@@ -54,7 +54,7 @@ DENSE_ROWS = {
 LUT_ROWS = {
     "torch-lut": "PyTorch LUT eager",
     "accelerate": "PyTorch LUT + accelerate_ (TVM kernels)",
-    # diagnostics of accelerate_: LUT kernels alone (no max-pool kernel, no BatchNorm folding), and TVM's pool at 1 thread
+    # diagnostics of accelerate_: LUT kernels alone (no max-pool kernel, no BN folding); TVM pool at 1 thread
     "accelerate-lut-only": "accelerate_, LUT layers only (no max-pool kernel, no BN folding)",
     "accelerate-tvm1": "accelerate_, TVM kernels on 1 thread",
     "tvm-lut": "TVM LUT whole model (compile_model)",

@@ -6,16 +6,15 @@
 
 Only the LUT layers change (plus, by default, ``nn.MaxPool2d``: PyTorch's NCHW max-pool is a
 scalar loop that cost ResNet-18 more than its LUT encodes, :mod:`.pool`); attention, norms
-and activations stay PyTorch. Each layer's
-``forward`` is overridden on the instance (undo deletes the override, so the class forward
-returns exactly). Per input shape a layer gets a *runner* from :data:`RUNNERS` (keyed by
+and activations stay PyTorch. Each layer's ``forward`` is overridden on the instance (undo
+deletes the override, so the class forward returns exactly). Per input shape a layer gets a *runner* from :data:`RUNNERS` (keyed by
 layer type): a closure over pre-built kernels, its frozen tables and a preallocated codes
 buffer. Kernels are shape-specialised and cached by kernel spec, so the 12 blocks of a ViT
 share 8 kernels per token count; the tuning database is consulted for every new shape.
 Tensors go to the kernels as ``torch.Tensor`` (DLPack, zero copy).
 
 * An eval ``BatchNorm2d`` that alone consumes a LUT conv's output (found by ``torch.fx``) is
-  folded into that conv's epilogue and skipped (``fold_bn``; 20 BatchNorms of ResNet-18).
+  folded into that conv's epilogue and skipped (``fold_bn``; 19 of ResNet-18's 20 BatchNorms).
 * Eval + lut mode only: in training (``ste``), ``soft`` or ``dense`` mode the eager forward runs.
 * ``torch.compile``: inside a traced graph the layer is one ``lutnn::accelerated_lut`` custom op.
 * ``copy.deepcopy`` of an accelerated model gives an accelerated copy with its own tables.
@@ -26,11 +25,11 @@ from __future__ import annotations
 
 import importlib
 import itertools
-from collections import Counter
 import math
 import types
 import warnings
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import tvm
 from torch import Tensor, nn
 from tvm import tirx
 from tvm.s_tir import Schedule
@@ -49,8 +50,9 @@ class MaxPoolSpec:
         return spec
 
     def _out(self, axis: int) -> int:
-        size = (self.height, self.width)[axis]
-        return (size + 2 * self.padding[axis] - self.dilation[axis] * (self.kernel[axis] - 1) - 1) // self.stride[axis] + 1
+        size, k, s, p, d = ((self.height, self.width)[axis], self.kernel[axis], self.stride[axis],
+                            self.padding[axis], self.dilation[axis])
+        return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
     @property
     def out_h(self) -> int:
@@ -74,7 +76,7 @@ def _window_max(xp: tirx.Buffer, spec: MaxPoolSpec, vb, vc, vi, vj) -> tirx.Prim
 def max_pool_func(spec: MaxPoolSpec) -> tirx.PrimFunc:
     """``x [B,C,H,W] -> y [B,C,Hout,Wout]``: ``-inf``-padded copy, then the window max."""
     b, c, h, w = spec.batch, spec.channels, spec.height, spec.width
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = spec.kernel, spec.stride, spec.padding, spec.dilation
+    ph, pw = spec.padding
     oh, ow, hp, wp = spec.out_h, spec.out_w, h + 2 * ph, w + 2 * pw
 
     @T.prim_func(s_tir=True)
@@ -97,7 +99,7 @@ def max_pool_func(spec: MaxPoolSpec) -> tirx.PrimFunc:
 
 def schedule_max_pool(func: tirx.PrimFunc, spec: MaxPoolSpec, target: Target) -> tirx.PrimFunc:
     """Parallel over (batch, channel); each output row is vectors of window maxes (strided
-    loads of the padded rows); a channel's padded copy is made just before, so it is in L1."""
+    loads of the padded rows); a channel's padded copy is written just before, so it is still in cache."""
     sch = Schedule(func)
     pad, pool = sch.get_sblock("pad"), sch.get_sblock("pool")
     vb, vc, vi, vj = sch.get_loops(pool)
@@ -117,8 +119,6 @@ _COMPILED: dict[tuple, Callable] = {}
 
 def max_pool_kernel(spec: MaxPoolSpec, target: Target) -> Callable:
     """The compiled kernel for ``spec`` (once per process and target)."""
-    import tvm
-
     key = (spec, str(target))
     if key not in _COMPILED:
         func = schedule_max_pool(max_pool_func(spec), spec, target)
