@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lutnn
-from lutnn.tvm import accelerate_, unaccelerate_
+from lutnn.tvm import AccelerateConfig, accelerate_, unaccelerate_
 from lutnn.tvm.accelerate import _LAYERS
 
 
@@ -153,11 +153,13 @@ def test_bench_model_quick_writes_markdown_and_png(tmp_path):
     from lutnn.cli import main
 
     assert main(["bench-model", "--quick", "--models", "deit_tiny_patch16_224", "--batch", "1", "--threads", "1",
-                 "--rows", "torch-fp32", "accelerate", "non-lut", "--breakdown", "--out", str(tmp_path)]) == 0
+                 "--rows", "torch-fp32", "accelerate", "accelerate-tvm1", "non-lut", "--breakdown",
+                 "--out", str(tmp_path)]) == 0
     md = (tmp_path / "bench_model.md").read_text()
     assert "### deit_tiny_patch16_224, batch 1, 1 thread" in md
     assert "| PyTorch dense fp32 (best dense) |" in md and "| 1.00x | 1.00x |" in md
     assert "| PyTorch LUT + accelerate_ (TVM kernels) |" in md and "failed" not in md
+    assert "| accelerate_, TVM kernels on 1 thread |" in md
     assert "Where the time goes, PyTorch LUT + accelerate_" in md and "| fc2 | 12 |" in md
     assert (tmp_path / "bench_model.png").stat().st_size > 0
 
@@ -173,9 +175,11 @@ def test_bench_model_reports_a_failed_row_with_its_reason():
     assert "| PyTorch LUT + accelerate_ (TVM kernels) | failed: UserWarning: layer1.0.conv1" in md
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["fp32-tables", "int8-tables"])
-def test_accelerated_resnet_equals_pytorch_lut(int8):
-    """A torchvision ResNet (3x3 V=9 convs with stride 2, 1x1 V=4 downsamples) through conv_runner.
+@pytest.mark.parametrize("int8,fold_bn", [(False, False), (True, False), (True, True)],
+                         ids=["fp32-tables", "int8-tables", "int8-tables-bn-folded"])
+def test_accelerated_resnet_equals_pytorch_lut(int8, fold_bn):
+    """A torchvision ResNet (3x3 V=9 convs with stride 2, 1x1 V=4 downsamples) through conv_runner;
+    with ``fold_bn`` each conv's BatchNorm runs in its epilogue (the hooked conv output is then ``bn(conv(x))``).
 
     Compared layer by layer on the inputs the accelerated model feeds each layer: the kernel's
     ``|p|^2 - 2 x.p`` rounds differently from PyTorch's distances, so a sub-vector whose two nearest
@@ -194,8 +198,16 @@ def test_accelerated_resnet_equals_pytorch_lut(int8):
     if int8:
         lutnn.quantize_tables_(lut, "output")
     lut.eval()
+    for bn in (m for m in lut.modules() if isinstance(m, nn.BatchNorm2d)):  # non-trivial statistics to fold
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
     acc = copy.deepcopy(lut)
-    assert len(accelerate_(acc).accelerated) == 19
+    report = accelerate_(acc, AccelerateConfig(fold_bn=fold_bn))
+    assert sorted(report.accelerated) == sorted([*lutnn.lut_layers(acc), "maxpool"])  # + the stem pool
+    bn_of = {conv: bn for bn, conv in report.folded.items()}
+    assert len(bn_of) == (19 if fold_bn else 0)
+    assert not fold_bn or (bn_of["layer2.0.downsample.0"], bn_of["layer4.1.conv2"]) == ("layer2.0.downsample.1",
+                                                                                         "layer4.1.bn2")
+    modules = dict(lut.named_modules())
     seen = {}
     for name, layer in lutnn.lut_layers(acc).items():
         layer.register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, (a[0].clone(), o.clone())))
@@ -207,7 +219,7 @@ def test_accelerated_resnet_equals_pytorch_lut(int8):
             assert len(seen) == 19
             for name, (x, y) in seen.items():
                 layer = eager[name]
-                ref = layer(x)
+                ref = modules[bn_of[name]](layer(x)) if fold_bn else layer(x)
                 assert y.shape == ref.shape
                 differ = ~torch.isclose(y, ref, rtol=1e-4, atol=1e-4).all(1)  # [B, H, W] output pixels
                 assert int(differ.sum()) <= max(2, differ.numel() // 100), f"{name} batch {batch}: {differ.sum()}"
@@ -219,6 +231,40 @@ def test_accelerated_resnet_equals_pytorch_lut(int8):
         if a.name in runners:
             assert all(a.runners[shape] is fn for shape, fn in runners[a.name].items()), a.name
     x = torch.randn(1, 3, 64, 64)
+    if fold_bn:  # training mode: the convs run the STE path and the BatchNorms run themselves
+        acc.train(), lut.train()
+        torch.testing.assert_close(acc(x), lut(x), rtol=1e-4, atol=1e-4)
+        acc.eval(), lut.eval()
     unaccelerate_(acc)
+    assert not any(k.startswith("_lutnn") or k == "forward" for m in acc.modules() for k in m.__dict__)
     with torch.no_grad():
         assert torch.equal(acc(x), lut(x))
+
+
+def test_torch_compile_of_a_cnn_with_folded_bn_and_pool_kernel():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(3, 2, 1), nn.Conv2d(8, 16, 3, padding=1),
+                        nn.BatchNorm2d(16), nn.ReLU()).eval()
+    net[3].running_mean.uniform_(-0.5, 0.5), net[3].running_var.uniform_(0.5, 2)
+    lut, _ = lutnn.convert(net, lutnn.LUTConfig(exclude=["0"], layer_types=["conv2d"]))
+    lutnn.init_prototypes(lut, lutnn.capture_rows(lut, [torch.randn(4, 3, 16, 16)], max_rows=256),
+                          backend="torch", niter=2, seed=0)
+    lut.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = lut(x)
+    report = accelerate_(lut)
+    assert report.accelerated == ["1", "2"] and report.folded == {"3": "2"}
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lut, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(lut(x), ref, rtol=1e-4, atol=1e-4)
+    op = torch.ops.lutnn.accelerated_lut
+    assert len([n for gm in graphs for n in gm.graph.nodes if n.target in (op, op.default)]) == 2
+    assert not [n for gm in graphs for n in gm.graph.nodes if "batch_norm" in str(n.target)]  # folded away

@@ -54,6 +54,9 @@ DENSE_ROWS = {
 LUT_ROWS = {
     "torch-lut": "PyTorch LUT eager",
     "accelerate": "PyTorch LUT + accelerate_ (TVM kernels)",
+    # diagnostics of accelerate_: LUT kernels alone (no max-pool kernel, no BN folding); TVM pool at 1 thread
+    "accelerate-lut-only": "accelerate_, LUT layers only (no max-pool kernel, no BN folding)",
+    "accelerate-tvm1": "accelerate_, TVM kernels on 1 thread",
     "tvm-lut": "TVM LUT whole model (compile_model)",
     "non-lut": "non-LUT part alone (LUT layers free)",
 }
@@ -133,14 +136,17 @@ def build_row(row: str, dense: nn.Module, lut: nn.Module, x: Tensor, threads: in
     if row == "non-lut":
         return _free_lut_layers(lut)
     target = host_target(threads)
-    if row == "accelerate":
+    if row.startswith("accelerate"):
         from ..tvm.accelerate import AccelerateConfig, accelerate_
 
         model = copy.deepcopy(lut)
+        tvm_threads = 1 if row == "accelerate-tvm1" else threads
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a layer left in PyTorch makes this row a failure, not a mix
-            accelerate_(model, AccelerateConfig(target=target, tuning_dir=tuning_dir, tune_trials=tune_trials,
-                                                threads=threads))
+            accelerate_(model, AccelerateConfig(target=host_target(tvm_threads), tuning_dir=tuning_dir,
+                                                tune_trials=tune_trials, threads=tvm_threads,
+                                                non_lut_ops=row != "accelerate-lut-only",
+                                                fold_bn=row != "accelerate-lut-only"))
             model(x)  # builds (and tunes) the kernels of this shape
         return model
     from ..tvm.relax_model import compile_model, lut_kernel_specs
@@ -208,11 +214,12 @@ def run_case(name: str, batch: int, threads: int, rows: list[str], img_size: int
     torch.manual_seed(1)
     x = torch.randn(batch, 3, img_size, img_size)
     for row in rows:
+        set_num_threads(threads)  # a row may resize TVM's pool (accelerate-tvm1): reset it for the next
         try:
             with torch.no_grad():
                 fn = build_row(row, dense, lut, x, threads, tune_trials, tuning_dir)
             case.ms[row] = median_ms(fn, x, min_ms, repeat, clock)
-            if breakdown and row in ("torch-lut", "accelerate"):
+            if breakdown and row in ("torch-lut", "accelerate", "accelerate-lut-only"):
                 case.lut_kinds[row] = lut_time_by_kind(fn, x, clock)
         except Exception as e:  # noqa: BLE001 - a row that cannot run is reported, not fatal
             case.failed[row] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:160]
@@ -280,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"timm model names with a known conversion: {sorted(MODEL_CONFIGS)}")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 and all)")
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="rows to measure")
+    ap.add_argument("--rows", nargs="+", default=[r for r in ROWS if not r.startswith("accelerate-")],
+                    choices=list(ROWS), help="rows to measure (default: all but the accelerate- diagnostics)")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--tune-trials", type=int, default=0, help="LUT kernel tuning trials per shape (0: hand schedule)")
     ap.add_argument("--tuning-dir", default=None, help="tuning database dir (default OUT/tvm_tuning)")

@@ -4,14 +4,17 @@
     y = model(x)                               # LUT layers: TVM encode + read-accumulate
     lutnn.tvm.unaccelerate_(model)             # back to the eager forward
 
-Only the LUT layers change; attention, norms and activations stay PyTorch. Each layer's
-``forward`` is overridden on the instance (undo deletes the override, so the class forward
-returns exactly). Per input shape a layer gets a *runner* from :data:`RUNNERS` (keyed by
+Only the LUT layers change (plus, by default, ``nn.MaxPool2d``: PyTorch's NCHW max-pool is a
+scalar loop that cost ResNet-18 more than its LUT encodes, :mod:`.pool`); attention, norms
+and activations stay PyTorch. Each layer's ``forward`` is overridden on the instance (undo
+deletes the override, so the class forward returns exactly). Per input shape a layer gets a *runner* from :data:`RUNNERS` (keyed by
 layer type): a closure over pre-built kernels, its frozen tables and a preallocated codes
 buffer. Kernels are shape-specialised and cached by kernel spec, so the 12 blocks of a ViT
 share 8 kernels per token count; the tuning database is consulted for every new shape.
 Tensors go to the kernels as ``torch.Tensor`` (DLPack, zero copy).
 
+* An eval ``BatchNorm2d`` that alone consumes a LUT conv's output (found by ``torch.fx``) is
+  folded into that conv's epilogue and skipped (``fold_bn``; 19 of ResNet-18's 20 BatchNorms).
 * Eval + lut mode only: in training (``ste``), ``soft`` or ``dense`` mode the eager forward runs.
 * ``torch.compile``: inside a traced graph the layer is one ``lutnn::accelerated_lut`` custom op.
 * ``copy.deepcopy`` of an accelerated model gives an accelerated copy with its own tables.
@@ -26,6 +29,7 @@ import math
 import types
 import warnings
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
@@ -49,11 +53,12 @@ class RunnerFactory(Protocol):
 
 
 # layer type -> runner factory (or "module:function", imported on first use)
-RUNNERS: dict[type[LUTBase], RunnerFactory | str] = {}
+RUNNERS: dict[type[nn.Module], RunnerFactory | str] = {}
 
 
-def register_runner(layer_type: type[LUTBase], factory: RunnerFactory | str) -> None:
-    """Make ``accelerate_`` run layers of exactly ``layer_type`` through ``factory``."""
+def register_runner(layer_type: type[nn.Module], factory: RunnerFactory | str) -> None:
+    """Make ``accelerate_`` run layers of exactly ``layer_type`` through ``factory`` (a type
+    that is not a LUT layer is a non-LUT op, run when ``AccelerateConfig.non_lut_ops``)."""
     RUNNERS[layer_type] = factory
 
 
@@ -185,6 +190,7 @@ def linear_runner(layer: LUTLinear, x_shape: tuple[int, ...], *, target: Target 
 
 register_runner(LUTLinear, linear_runner)
 register_runner(LUTConv2d, "lutnn.tvm.conv:conv_runner")
+register_runner(nn.MaxPool2d, "lutnn.tvm.pool:max_pool_runner")
 
 
 def output_shape(layer: LUTBase, x_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -209,11 +215,15 @@ class _Accelerated:
     state: tuple = ()
 
     @staticmethod
-    def state_of(layer: LUTBase) -> tuple:
+    def state_of(layer: nn.Module) -> tuple:
+        if not isinstance(layer, LUTBase):  # a non-LUT op (max-pool): nothing frozen
+            return ()
         # the parameters themselves: weight_2d() of a conv is a new view object on every call, whose id
         # would read as "changed" and rebuild the runners on every forward
         w = layer.weight
-        return (layer.prototypes._version, id(layer.prototypes), w._version, id(w), id(layer._qtable))
+        bn = _folded_bn(layer)
+        bn_state = None if bn is None else tuple((t._version, id(t)) for t in _bn_tensors(bn)) + (bn.eps,)
+        return (layer.prototypes._version, id(layer.prototypes), w._version, id(w), id(layer._qtable), bn_state)
 
     def runner(self, layer: LUTBase, shape: tuple) -> Runner | None:
         state = self.state_of(layer)
@@ -222,8 +232,10 @@ class _Accelerated:
             self.state = state
         fn = self.runners.get(shape, False)
         if fn is False:
+            bn = _folded_bn(layer)
+            post = {} if bn is None else {"post": _bn_affine(bn)}
             try:
-                fn = self.factory(layer, shape, target=self.target, db=self.db, tune_trials=self.tune_trials)
+                fn = self.factory(layer, shape, target=self.target, db=self.db, tune_trials=self.tune_trials, **post)
             except (NotImplementedError, ValueError) as e:
                 warnings.warn(f"{self.name}: stays PyTorch for input shape {shape}: {e}", stacklevel=3)
                 fn = None
@@ -241,12 +253,15 @@ def accelerated_lut(x: Tensor, handle: int) -> Tensor:
     acc = _LAYERS[handle]
     layer = acc.layer_ref()
     fn = acc.runner(layer, tuple(x.shape))
-    return fn(x) if fn is not None else type(layer).forward(layer, x)
+    return fn(x) if fn is not None else _eager(layer, x)
 
 
 @accelerated_lut.register_fake
 def _(x: Tensor, handle: int) -> Tensor:
-    return x.new_empty(output_shape(_LAYERS[handle].layer_ref(), tuple(x.shape)))
+    layer = _LAYERS[handle].layer_ref()
+    if not isinstance(layer, LUTBase):  # a non-LUT op: its own forward on fake tensors gives the shape
+        return type(layer).forward(layer, x)
+    return x.new_empty(output_shape(layer, tuple(x.shape)))
 
 
 def _attach(layer: LUTBase, acc: _Accelerated) -> None:
@@ -258,8 +273,8 @@ def _attach(layer: LUTBase, acc: _Accelerated) -> None:
     layer._lutnn_accelerated = handle
 
 
-def _forward(layer: LUTBase, x: Tensor) -> Tensor:
-    if layer.effective_mode() != "lut":
+def _forward(layer: nn.Module, x: Tensor) -> Tensor:
+    if isinstance(layer, LUTBase) and layer.effective_mode() != "lut":
         return type(layer).forward(layer, x)
     if torch.compiler.is_compiling():
         return torch.ops.lutnn.accelerated_lut(x, layer._lutnn_accelerated)
@@ -271,8 +286,69 @@ def _forward(layer: LUTBase, x: Tensor) -> Tensor:
     if fn is None:
         fn = acc.runner(layer, tuple(x.shape))
         if fn is None:
-            return type(layer).forward(layer, x)
+            return _eager(layer, x)
     return fn(x)
+
+
+def _eager(layer: nn.Module, x: Tensor) -> Tensor:
+    """The class forward, plus the folded BatchNorm (skipped in the model) where there is one."""
+    y = type(layer).forward(layer, x)
+    bn = _folded_bn(layer) if isinstance(layer, LUTBase) else None
+    return y if bn is None else type(bn).forward(bn, y)
+
+
+# -- BatchNorm folding ---------------------------------------------------------------------
+def _bn_tensors(bn: nn.BatchNorm2d) -> list[Tensor]:
+    return [t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """``(a, b)`` with ``bn(y) = a[:, None, None] * y + b[:, None, None]`` in eval."""
+    with torch.no_grad():
+        a = torch.rsqrt(bn.running_var.float() + bn.eps)
+        if bn.weight is not None:
+            a = a * bn.weight.float()
+        b = -bn.running_mean.float() * a
+        return a, b if bn.bias is None else b + bn.bias.float()
+
+
+def _folded_bn(conv: LUTBase) -> nn.BatchNorm2d | None:
+    """The BatchNorm folded into ``conv``'s kernels, when it is in eval (a training BN runs itself)."""
+    bn = conv.__dict__.get("_lutnn_fold_bn")
+    return bn if bn is not None and not bn.training else None
+
+
+def _bn_forward(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    conv = bn.__dict__["_lutnn_folded_into"]
+    if not bn.training and is_accelerated(conv) and conv.effective_mode() == "lut":
+        return x  # the conv's kernels (or _eager) applied it
+    return type(bn).forward(bn, x)
+
+
+def following_batchnorms(model: nn.Module) -> dict[str, str]:
+    """LUT conv name -> the ``BatchNorm2d`` (eval statistics) that is the only consumer of its output,
+    from a ``torch.fx`` trace with LUT layers as leaves; ``{}`` when the model does not trace."""
+
+    class _Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, LUTBase) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - data-dependent control flow etc.: nothing is folded
+        return {}
+    modules = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    pairs = {}
+    for node in graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if type(bn) is not nn.BatchNorm2d or not bn.track_running_stats or len(node.args) != 1 or node.kwargs:
+            continue
+        src = node.args[0]
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(modules[src.target], LUTConv2d)
+                and len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1):
+            pairs[src.target] = node.target
+    return pairs
 
 
 # -- public API ----------------------------------------------------------------------------
@@ -280,21 +356,28 @@ def _forward(layer: LUTBase, x: Tensor) -> Tensor:
 class AccelerateConfig:
     """``target``: default ``host_target(torch.get_num_threads())``; ``tuning_dir``: the tuning
     database (default ``$LUTNN_TVM_CACHE``); ``tune_trials > 0`` tunes each new kernel shape
-    on first use (slow first call); ``threads``: TVM's thread pool size (default: torch's)."""
+    on first use (slow first call); ``threads``: TVM's thread pool size (default: torch's);
+    ``non_lut_ops``: also run the registered non-LUT modules (``nn.MaxPool2d``) on TVM kernels;
+    ``fold_bn``: fold each eval BatchNorm2d that only follows a LUT conv into that conv's kernels."""
 
     target: Target | None = None
     tuning_dir: str | Path | None = None
     tune_trials: int = 0
     threads: int | None = None
+    non_lut_ops: bool = True
+    fold_bn: bool = True
 
 
 @dataclass
 class AccelerateReport:
     accelerated: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # layer name -> reason
+    folded: dict[str, str] = field(default_factory=dict)  # BatchNorm name -> the LUT conv it is folded into
 
     def __str__(self) -> str:
-        lines = [f"accelerated {len(self.accelerated)} LUT layers with TVM kernels"]
+        lines = [f"accelerated {len(self.accelerated)} layers with TVM kernels"]
+        if self.folded:
+            lines.append(f"  folded {len(self.folded)} BatchNorms into the LUT convs before them")
         lines += [f"  stays PyTorch: {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -317,6 +400,9 @@ def accelerate_(model: nn.Module, config: AccelerateConfig | None = None) -> Acc
     report = AccelerateReport()
     for name, layer in model.named_modules():
         if not isinstance(layer, LUTBase):
+            if config.non_lut_ops and type(layer) in RUNNERS:
+                _attach(layer, _Accelerated(name, weakref.ref(layer), _resolve(type(layer)), target, db, 0))
+                report.accelerated.append(name)
             continue
         try:
             factory = _resolve(type(layer))
@@ -326,12 +412,22 @@ def accelerate_(model: nn.Module, config: AccelerateConfig | None = None) -> Acc
             continue
         _attach(layer, _Accelerated(name, weakref.ref(layer), factory, target, db, config.tune_trials))
         report.accelerated.append(name)
+    modules = dict(model.named_modules())
+    for conv_name, bn_name in (following_batchnorms(model) if config.fold_bn else {}).items():
+        conv, bn = modules[conv_name], modules[bn_name]
+        if is_accelerated(conv):
+            conv.__dict__["_lutnn_fold_bn"], bn.__dict__["_lutnn_folded_into"] = bn, conv  # not submodules
+            bn.forward = types.MethodType(_bn_forward, bn)
+            report.folded[bn_name] = conv_name
     return report
 
 
 def unaccelerate_(model: nn.Module) -> nn.Module:
     """Undo :func:`accelerate_`: every LUT layer runs its class's eager forward again."""
     for layer in model.modules():
+        layer.__dict__.pop("_lutnn_fold_bn", None)
+        if layer.__dict__.pop("_lutnn_folded_into", None) is not None:
+            layer.__dict__.pop("forward", None)
         handle = layer.__dict__.pop("_lutnn_accelerated", None)
         if handle is not None:
             layer.__dict__.pop("forward", None)

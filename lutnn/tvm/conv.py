@@ -471,10 +471,13 @@ def table_dtype(layer: LUTConv2d) -> TableDType:
     return "int8" if q is not None and q.granularity == "output" else "float32"
 
 
-def conv_constants(layer: LUTConv2d, table_dtype: TableDType) -> dict[str, Tensor]:
+def conv_constants(layer: LUTConv2d, table_dtype: TableDType,
+                   post: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
     """The kernels' weight arguments, frozen from the layer as it is now.
 
-    int8 tables with per-codebook scales are dequantised to fp32 (as ``LUTBase`` does)."""
+    int8 tables with per-codebook scales are dequantised to fp32 (as ``LUTBase`` does).
+    ``post = (a, b)``: a per-channel affine map applied after the conv (an eval BatchNorm),
+    folded into the epilogue: ``a * (scale * acc + bias) + b = (a * scale) * acc + (a * bias + b)``."""
     with torch.no_grad():
         p = layer.prototypes.detach().float()
         q = layer.quantized_table
@@ -484,6 +487,9 @@ def conv_constants(layer: LUTConv2d, table_dtype: TableDType) -> dict[str, Tenso
             table = q.dequantize() if q is not None else layer.table()
             scale = torch.ones(layer.out_features)
         bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+        if post is not None:
+            a, b = (t.detach().float() for t in post)
+            scale, bias = scale * a, bias * a + b
         consts = {"protos_m2": -2 * p.transpose(1, 2), "pnorm": p.pow(2).sum(-1), "table": table,
                   "scale": scale, "bias": bias.float()}
         return {k: t.detach().contiguous().clone() for k, t in consts.items()}
@@ -503,8 +509,10 @@ def compiled_kernel(spec, target: Target, db: TuningDatabase | None = None):
 
 
 def conv_runner(layer: LUTConv2d, x_shape: tuple[int, int, int, int], *, target: Target | None = None,
-                db: TuningDatabase | None = None, tune_trials: int = 0) -> Callable[[Tensor], Tensor]:
-    """``x -> layer(x)`` (eval/LUT numerics) on TVM kernels for one NCHW fp32 input shape.
+                db: TuningDatabase | None = None, tune_trials: int = 0,
+                post: tuple[Tensor, Tensor] | None = None) -> Callable[[Tensor], Tensor]:
+    """``x -> layer(x)`` (eval/LUT numerics) on TVM kernels for one NCHW fp32 input shape
+    (``post = (a, b)``: ``a[m] * layer(x) + b[m]``, e.g. a following eval BatchNorm, in the epilogue).
 
     Tables, prototypes and bias are frozen at build time (rebuild after changing the layer).
     ``tune_trials > 0`` tunes kernels missing from ``db`` (default database when ``db`` is
@@ -518,7 +526,7 @@ def conv_runner(layer: LUTConv2d, x_shape: tuple[int, int, int, int], *, target:
     if tune_trials > 0:
         db = tune_kernels([specs.encode, specs.lookup], target, db.path.parent if db else None, tune_trials)
     encode, lookup = (compiled_kernel(s, target, db) for s in (specs.encode, specs.lookup))
-    consts = conv_constants(layer, specs.lookup.table_dtype)
+    consts = conv_constants(layer, specs.lookup.table_dtype, post)
     g, look = specs.encode.geom, specs.lookup
     codes = tvm.runtime.empty((g.batch, look.c, g.grid_q), "uint8", tvm.cpu())
     protos, pnorm = (tvm.runtime.from_dlpack(consts[k]) for k in ("protos_m2", "pnorm"))
