@@ -220,7 +220,10 @@ def _fast_gelu(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 def _pipeline(target: Target) -> tvm.transform.Pass:
     cpu = relax.backend.cpu_generic.pipeline
     return tvm.transform.Sequential(
-        [_fast_gelu, relax.transform.FastMathTransform()]
+        [_fast_gelu, relax.transform.FastMathTransform(),
+         # channels last (weights HWIO): the dense convs (stem, patch embedding) become register-tiled
+         # GEMMs over output channels; NCHW tiles pixels and reads strided inputs
+         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})]
         + cpu.library_dispatch_passes(target)
         + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
            relax.transform.FuseOps(), relax.transform.FuseTIR(), _schedule_rest]

@@ -238,16 +238,26 @@ def scheduled(spec: KernelSpec, target: Target, knobs: Knobs | None = None) -> t
 def schedule_generic(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
     """Parallel + vectorised schedule for any CPU PrimFunc (dlight has no CPU matmul rule).
 
-    Matmul-like reductions (spatial ``..., i, j``, one reduction, two inputs) get a
+    First every elementwise block with one consumer is inlined into it (the legalised ops
+    chain slices, transposes, casts and selects through full-size buffers, one pass each).
+    A function whose last block is elementwise over rows (softmax, layernorm: reductions
+    then a normalise) is then computed one row at a time, rows across threads, so the
+    row stays in L1 between its passes. Otherwise each block gets the first rule that
+    applies: matmul-like reductions (spatial ``..., i, j``, one reduction, two inputs) a
     register tile with the reduction between the tile loops, like the lookup kernel;
     other blocks are split across threads and vectorised. A block that refuses a rule
     tries the next one and keeps the default lowering if none applies.
     """
     sch = Schedule(func)
     try:
-        names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+        root = sch.get_sblock("root")
     except (ScheduleError, ValueError):
         return func
+    _inline_elementwise(sch, root)
+    trial = sch.copy()
+    if _rows_at_once(trial, trial.get_sblock("root"), target):
+        return trial.mod["main"]
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
     for name in names:
         for rule in (_tile_matmul, _parallel_vectorize):
             trial = sch.copy()
@@ -258,6 +268,63 @@ def schedule_generic(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
             except (ScheduleError, ValueError):
                 continue
     return sch.mod["main"]
+
+
+def _inline_elementwise(sch: Schedule, root) -> None:
+    """Inline spatial-only blocks that feed exactly one block (never an output block; a block
+    read by two consumers, e.g. softmax's ``exp``, stays so it is computed once)."""
+    changed = True
+    while changed:
+        changed = False
+        blocks = sch.get_child_blocks(root)
+        for block in blocks[:-1]:
+            if any(t != 0 for t in _iter_types(sch, block)) or len(sch.get_consumers(block)) != 1:
+                continue
+            try:
+                sch.compute_inline(block)
+                changed = True
+                break
+            except (ScheduleError, ValueError):
+                continue
+
+
+def _rows_at_once(sch: Schedule, root, target: Target) -> bool:
+    """Reductions over the last axis followed by an elementwise block over the same rows:
+    every block computed under the last block's row loops, rows split across threads, the
+    row vectorised (sums and maxima as ``lanes`` partial results, then one horizontal step)."""
+    blocks = sch.get_child_blocks(root)
+    last = blocks[-1]
+    if len(blocks) < 2 or any(t != 0 for t in _iter_types(sch, last)):
+        return False
+    n_rows = len(sch.get_loops(last)) - 1  # row loops: all but the last
+    reductions = [_iter_types(sch, b) for b in blocks[:-1] if 2 in _iter_types(sch, b)]
+    if n_rows < 1 or not reductions or any(t.count(0) != n_rows for t in reductions):
+        return False  # e.g. a conv + bias: its reduction keeps more spatial axes than the rows
+    width = _extent(sch, sch.get_loops(last)[-1])
+    lanes = _lanes(width, 4, target)
+    try:
+        partials = []
+        for block in blocks[:-1] if lanes > 1 else []:
+            types, loops = _iter_types(sch, block), sch.get_loops(block)
+            if types.count(2) == 1 and types[-1] == 2 and _extent(sch, loops[-1]) == width:
+                _, lane = sch.split(loops[-1], [None, lanes])
+                partials.append(sch.get(sch.rfactor(lane, factor_axis=len(types) - 1)).name_hint)
+        loops = sch.get_loops(last)
+        for block in reversed(sch.get_child_blocks(root)[:-1]):
+            sch.compute_at(block, loops[-2], preserve_unit_loops=True)
+        row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        sch.parallel(row)
+        for block in sch.get_child_blocks(row) if lanes > 1 else []:
+            inner = sch.get_loops(block)[-1]
+            if sch.get(block).name_hint in partials:  # loops: row, lane, unit loops, reduction
+                lane = sch.get_loops(block)[1]
+                sch.reorder(inner, lane)
+                sch.vectorize(lane)
+            elif _extent(sch, inner) == width and all(t == 0 for t in _iter_types(sch, block)):
+                sch.vectorize(sch.split(inner, [None, lanes])[1])
+    except (ScheduleError, ValueError):
+        return False
+    return True
 
 
 def _iter_types(sch: Schedule, block) -> list[int]:
