@@ -223,7 +223,8 @@ def _pipeline(target: Target) -> tvm.transform.Pass:
         [_fast_gelu, relax.transform.FastMathTransform(),
          # channels last (weights HWIO): the dense convs (stem, patch embedding) become register-tiled
          # GEMMs over output channels; NCHW tiles pixels and reads strided inputs
-         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})]
+         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+         relax.transform.EliminateCommonSubexpr()]  # ConvertLayout transposes a tensor back once per use
         + cpu.library_dispatch_passes(target)
         + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
            relax.transform.FuseOps(), relax.transform.FuseTIR(), _schedule_rest]

@@ -257,17 +257,20 @@ def schedule_generic(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
     trial = sch.copy()
     if _rows_at_once(trial, trial.get_sblock("root"), target):
         return trial.mod["main"]
-    names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
-    for name in names:
+    done: set[str] = set()
+    while True:  # a rule may add blocks (padding copies): schedule those too
+        todo = [n for n in (sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))) if n not in done]
+        if not todo:
+            return sch.mod["main"]
+        done.add(todo[0])
         for rule in (_tile_matmul, _parallel_vectorize):
             trial = sch.copy()
             try:
-                if rule(trial, trial.get_sblock(name), target):
+                if rule(trial, trial.get_sblock(todo[0]), target):
                     sch = trial
                     break
             except (ScheduleError, ValueError):
                 continue
-    return sch.mod["main"]
 
 
 def _inline_elementwise(sch: Schedule, root) -> None:
@@ -278,7 +281,7 @@ def _inline_elementwise(sch: Schedule, root) -> None:
         changed = False
         blocks = sch.get_child_blocks(root)
         for block in blocks[:-1]:
-            if any(t != 0 for t in _iter_types(sch, block)) or len(sch.get_consumers(block)) != 1:
+            if any(t != 0 for t in _iter_types(sch, block)) or len(sch.get_consumers(block)) != 1 or _pads(sch, block):
                 continue
             try:
                 sch.compute_inline(block)
@@ -286,6 +289,21 @@ def _inline_elementwise(sch: Schedule, root) -> None:
                 break
             except (ScheduleError, ValueError):
                 continue
+
+
+def _size(region) -> int:
+    """Elements of the buffer a block read/write region belongs to."""
+    n = 1
+    for s in region.source.shape:
+        n *= int(s)
+    return n
+
+
+def _pads(sch: Schedule, block) -> bool:
+    """Whether ``block`` writes more elements than its input has (zero padding of a conv):
+    inlined, it would put a bounds check on every input load of the consumer's inner loop."""
+    b = sch.get(block)
+    return bool(b.reads) and _size(b.writes[0]) > max(_size(r) for r in b.reads)
 
 
 def _rows_at_once(sch: Schedule, root, target: Target) -> bool:
@@ -301,7 +319,7 @@ def _rows_at_once(sch: Schedule, root, target: Target) -> bool:
     if n_rows < 1 or not reductions or any(t.count(0) != n_rows for t in reductions):
         return False  # e.g. a conv + bias: its reduction keeps more spatial axes than the rows
     width = _extent(sch, sch.get_loops(last)[-1])
-    lanes = _lanes(width, 4, target)
+    lanes = simd_bytes(target) // 4 if width >= simd_bytes(target) // 4 else 1
     try:
         partials = []
         for block in blocks[:-1] if lanes > 1 else []:
@@ -346,11 +364,23 @@ def _tile_matmul(sch: Schedule, block, target: Target) -> bool:
         return False
     if any(t != 2 for t in types[n_spatial:]):  # spatial loops first, then only reductions
         return False
+    # odd extents (197 tokens) are padded to whole register tiles (4 rows x whole vectors): an
+    # unpadded 197-wide tile had 1 row and no vectors (1.6x slower attention matmuls)
+    full = simd_bytes(target) // 4
+    i_extent = _extent(sch, loops[n_spatial - 2])
+    pad = [1] * (n_spatial - 2) + [4 if i_extent % 2 and i_extent > 4 else 1,
+                                   full if _extent(sch, loops[n_spatial - 1]) % full else 1] + [1] * (len(types) - n_spatial)
+    macs = 1
+    for loop in loops:
+        macs *= _extent(sch, loop)
+    # padding copies the operands each call: only where each element is reused enough (not a GEMV)
+    if any(p > 1 for p in pad) and macs >= 16 * sum(_size(r) for r in sch.get(block).reads):
+        sch.pad_einsum(block, pad)
+        loops = sch.get_loops(block)
     *batch, i, j = loops[:n_spatial]
     reds = loops[n_spatial:]
     lanes = _lanes(_extent(sch, j), 4, target)
     rows = _largest_divisor(_extent(sch, i), (1, 2, 4))
-    # j with no power-of-two factor (e.g. 17 tokens): one whole row per tile, LLVM vectorises it
     cols = lanes * _largest_divisor(_extent(sch, j) // lanes, (1, 2, 4)) if lanes > 1 else _extent(sch, j)
     i_o, i_i = sch.split(i, [None, rows])
     j_o, j_i = sch.split(j, [None, cols])
@@ -376,6 +406,13 @@ def _parallel_vectorize(sch: Schedule, block, target: Target) -> bool:
     n_spatial = next((i for i, t in enumerate(types) if t != 0), len(types))
     if n_spatial == 0:
         return False
+    if n_spatial == len(loops) and len(loops) > 1:
+        # threads over rows; a row of whole vectors is vectorised, an odd one (197 tokens) left to
+        # LLVM: fusing it with the rows would cost an index division per lane
+        sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+        if _extent(sch, loops[-1]) % (simd_bytes(target) // 4) == 0:
+            sch.vectorize(sch.split(loops[-1], [None, simd_bytes(target) // 4])[1])
+        return True
     if n_spatial == len(loops):  # purely elementwise: vectorise the fused tail
         fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
         lanes = _lanes(_extent(sch, fused), 4, target)
@@ -383,6 +420,18 @@ def _parallel_vectorize(sch: Schedule, block, target: Target) -> bool:
         sch.parallel(outer)
         if lanes > 1:
             sch.vectorize(inner)
+        return True
+    full = simd_bytes(target) // 4
+    if n_spatial > 1 and _extent(sch, loops[n_spatial - 1]) % full == 0 and all(t == 2 for t in types[n_spatial:]):
+        # a reduction per element of a channels-last row (pooling): the reduction loops outside
+        # one vector of the last spatial axis
+        *rows, last = loops[:n_spatial]
+        vec_o, vec = sch.split(last, [None, full])
+        sch.reorder(*rows, vec_o, *loops[n_spatial:], vec)
+        sch.parallel(sch.fuse(*rows))
+        sch.vectorize(vec)
+        init = sch.decompose_reduction(block, loops[n_spatial])
+        sch.vectorize(sch.get_loops(init)[-1])
         return True
     outer = sch.fuse(*loops[:n_spatial]) if n_spatial > 1 else loops[0]
     sch.parallel(outer)
