@@ -32,7 +32,8 @@ from ..layers import LUTConv2d, LUTLinear
 from ..layers import functional as LF
 from .conv import ConvEncodeSpec, ConvGeometry, ConvLookupSpec, conv_constants, table_dtype
 from .kernels import KERNEL_ATTR, EncodeSpec, KernelSpec, LookupSpec
-from .schedules import default_knobs, schedule_generic, scheduled
+from .schedules import Knobs, default_knobs, schedule_generic, scheduled
+from .shuffle import prepare_table
 from .tuning import TuningDatabase
 
 
@@ -129,12 +130,13 @@ class _LUTConverter:
     db: TuningDatabase | None
     kernels: dict[KernelSpec, tvm.ir.GlobalVar] = field(default_factory=dict)
 
-    def _gvar(self, importer, spec: KernelSpec) -> tvm.ir.GlobalVar:
+    def _knobs(self, spec: KernelSpec, gather_only: bool) -> Knobs:
+        return (self.db.knobs(spec, self.target, gather_only=gather_only) if self.db else None) or default_knobs(
+            spec, self.target, gather_only=gather_only)
+
+    def _gvar(self, importer, spec: KernelSpec, gather_only: bool = True) -> tvm.ir.GlobalVar:
         if spec not in self.kernels:
-            # the model's tables stay in the plain [C, K, M] layout, which gather kernels read
-            knobs = (self.db.knobs(spec, self.target, gather_only=True) if self.db else None) or default_knobs(
-                spec, self.target, gather_only=True)
-            func = scheduled(spec, self.target, knobs)
+            func = scheduled(spec, self.target, self._knobs(spec, gather_only))
             # already scheduled, never fused into neighbours (op_pattern 8 = kOpaque)
             func = func.with_attrs({"global_symbol": spec.name, "op_pattern": 8})
             self.kernels[spec] = importer.block_builder.add_func(func, spec.name)
@@ -151,8 +153,15 @@ class _LUTConverter:
         codes = bb.emit(relax.call_tir(self._gvar(importer, enc), [rows, protos_t, pnorm],
                                        relax.TensorType((n, c), "uint8")))
         look = LookupSpec(n, c, k, m, dtype)
+        # a constant table can be repacked for the in-register shuffle kernels (as accelerate_ does);
+        # conv tables and non-constant ones stay [C, K, M], which the gather kernels read
+        constant = isinstance(table, tvm.ir.expr.Constant)
+        kernel = self._knobs(look, gather_only=not constant).kernel
+        if kernel != "gather":
+            table = relax.const(prepare_table(table.value.numpy(), kernel))
         args = [codes, table, bias] if dtype == "float32" else [codes, table, scale, bias]
-        return bb.emit(relax.call_tir(self._gvar(importer, look), args, relax.TensorType((n, m), "float32")))
+        return bb.emit(relax.call_tir(self._gvar(importer, look, gather_only=not constant), args,
+                                      relax.TensorType((n, m), "float32")))
 
     def conv2d(self, node, importer) -> relax.Var:
         x, protos_m2, pnorm, table, scale, bias, kernel, stride, padding, dilation = importer.retrieve_args(node)
