@@ -53,6 +53,11 @@ def _conv_bias():  # channels-last conv with zero padding, then a bias add
     return [x, w, bias, te.compute(y.shape, lambda n, h, ww, c: y[n, h, ww, c] + bias[c], name="add")]
 
 
+def _conv_7px():  # a 7-pixel output row: 7 rows x 2 vectors of accumulators, no padding copies
+    x, w = te.placeholder((1, 7, 7, 16), name="x"), te.placeholder((3, 3, 16, 32), name="w")
+    return [x, w, topi.nn.conv2d_nhwc(x, w, 1, 1, 1)]
+
+
 def _max_pool():  # channels-last pooling: the window loops outside a vector of channels
     x = te.placeholder((1, 9, 9, 16), name="x")
     return [x, topi.nn.pool2d(x, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), "max", layout="NHWC")]
@@ -66,6 +71,7 @@ CASES = {
     "softmax_vectors": (_softmax_vectors, ["T.parallel(15)", "_rf", "T.vectorized"], []),
     "layer_norm": (_layer_norm, ["_rf", "T.vectorized"], []),
     "conv_bias": (_conv_bias, ["T.vectorized", "pad_temp"], []),
+    "conv_7px": (_conv_7px, ["T.unroll(7)", "T.vectorized"], ["_pad\""]),
     "max_pool": (_max_pool, ["T.vectorized", "_init"], []),
     "gemv": (_gemv, ["T.vectorized"], ["_pad"]),
 }

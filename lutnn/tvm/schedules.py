@@ -376,7 +376,11 @@ def _tile_matmul(sch: Schedule, block, target: Target) -> bool:
     for loop in loops:
         macs *= _extent(sch, loop)
     # padding copies the operands each call: only where each element is reused enough (not a GEMV)
-    padded = any(p > 1 for p in pad) and macs >= 16 * sum(_size(r) for r in sch.get(block).reads)
+    reads = sch.get(block).reads
+    # only true matmuls (each operand indexed by plain loop variables): a conv's window indexing made
+    # pad_einsum's copies cost 10x the 7x7 conv itself
+    padded = (any(p > 1 for p in pad) and macs >= 16 * sum(_size(r) for r in reads)
+              and all(isinstance(rng.min, (tirx.Var, tirx.IntImm)) for r in reads for rng in r.region))
     if padded:
         sch.pad_einsum(block, pad)
         loops = sch.get_loops(block)
@@ -385,6 +389,8 @@ def _tile_matmul(sch: Schedule, block, target: Target) -> bool:
     lanes = _lanes(_extent(sch, j), 4, target)
     rows = _largest_divisor(_extent(sch, i), (1, 2, 4))
     cols = lanes * _largest_divisor(_extent(sch, j) // lanes, (1, 2, 4)) if lanes > 1 else _extent(sch, j)
+    if rows == 1 and _extent(sch, i) in (3, 5, 7) and cols >= 2 * lanes > 2:
+        rows, cols = _extent(sch, i), 2 * lanes  # a 7-pixel conv row: 7 x 2 vectors of accumulators
     i_o, i_i = sch.split(i, [None, rows])
     j_o, j_i = sch.split(j, [None, cols])
     j_v, j_l = sch.split(j_i, [None, lanes])
