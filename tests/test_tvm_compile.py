@@ -65,3 +65,14 @@ def test_wrong_shape_is_rejected():
     compiled = compile_model(lut.eval(), torch.randn(4, 16), TARGET)
     with pytest.raises(ValueError, match=r"compiled for input shape \(4, 16\)"):
         compiled(torch.randn(5, 16))
+
+
+def test_profile_times_each_compiled_function():
+    lut, _ = lutnn.convert(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), lutnn.LUTConfig(subvec_len=4))
+    x = torch.randn(4, 16)
+    compiled = compile_model(lut.eval(), x, TARGET)
+    funcs = compiled.profile(x, calls=2)
+    kernels = {name: calls for name, (calls, ms) in funcs.items() if name.startswith("lut_")}
+    assert sorted(kernels) == sorted(spec.name for spec in compiled.kernels) and len(kernels) == 4
+    assert set(kernels.values()) == {1} and all(ms >= 0 for _, ms in funcs.values())
+    torch.testing.assert_close(compiled(x), lut(x), rtol=1e-5, atol=1e-5)  # the VM still runs normally after

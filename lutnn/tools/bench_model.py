@@ -62,6 +62,7 @@ LUT_ROWS = {
 }
 ROWS = {**DENSE_ROWS, **LUT_ROWS}
 QUICK_IMG = 32
+TOP_FUNCS = 12  # compiled functions listed per TVM row by --breakdown
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Case:
     threads: int
     ms: dict[str, float] = field(default_factory=dict)
     lut_kinds: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)  # row -> lut_time_by_kind
+    tvm_funcs: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)  # row -> CompiledModel.profile
     failed: dict[str, str] = field(default_factory=dict)  # row -> reason
 
     def best_dense(self) -> tuple[str, float] | None:
@@ -221,6 +223,8 @@ def run_case(name: str, batch: int, threads: int, rows: list[str], img_size: int
             case.ms[row] = median_ms(fn, x, min_ms, repeat, clock)
             if breakdown and row in ("torch-lut", "accelerate", "accelerate-lut-only"):
                 case.lut_kinds[row] = lut_time_by_kind(fn, x, clock)
+            if breakdown and row in ("tvm-lut", "tvm-dense"):
+                case.tvm_funcs[row] = fn.profile(x, clock=CLOCKS[clock])
         except Exception as e:  # noqa: BLE001 - a row that cannot run is reported, not fatal
             case.failed[row] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:160]
         print(f"  {name} b{batch} t{threads} {row}: "
@@ -252,6 +256,13 @@ def to_markdown(cases: list[Case], header: str) -> str:
                       f"per forward (in the model, hooks around each layer)", "",
                       "| LUT layer kind | layers | ms per forward |", "|---|---:|---:|"]
             lines += [f"| {k} | {n} | {ms:.2f} |" for k, (n, ms) in kinds.items()]
+            lines.append("")
+        for row, funcs in c.tvm_funcs.items():
+            total = sum(ms for _, ms in funcs.values())
+            lines += [f"Where the time goes, {ROWS[row]}: {total:.2f} ms in compiled functions per forward "
+                      f"(VM instrument; the {TOP_FUNCS} slowest)", "",
+                      "| function | calls | ms per forward |", "|---|---:|---:|"]
+            lines += [f"| {k} | {n} | {ms:.2f} |" for k, (n, ms) in list(funcs.items())[:TOP_FUNCS]]
             lines.append("")
     lines.append("Speed-ups > 1 mean faster than the reference. \"non-LUT part alone\" is a diagnostic, "
                  "not a deployable row: the same LUT model with every LUT layer returning an empty tensor.")
@@ -297,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
                     help="wall time, or this thread's CPU time (1 thread only: robust on a busy machine)")
     ap.add_argument("--breakdown", action="store_true",
-                    help="also time the LUT layers inside the model per kind (qkv, fc1, ...) for the LUT rows")
+                    help="also time the LUT layers inside the model per kind (qkv, fc1, ...) for the PyTorch LUT "
+                         "rows, and each compiled function for the TVM rows")
     ap.add_argument("--quick", action="store_true", help=f"{QUICK_IMG}px images, one short sample set (smoke test)")
     ap.add_argument("--out", default="bench_model_out", help="directory for bench_model.md and bench_model.png")
     args = ap.parse_args(argv)

@@ -15,7 +15,9 @@ Shapes are static: a compiled model serves one batch size (pad the last batch).
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,7 +32,8 @@ from ..layers import LUTConv2d, LUTLinear
 from ..layers import functional as LF
 from .conv import ConvEncodeSpec, ConvGeometry, ConvLookupSpec, conv_constants, table_dtype
 from .kernels import KERNEL_ATTR, EncodeSpec, KernelSpec, LookupSpec
-from .schedules import default_knobs, schedule_generic, scheduled
+from .schedules import Knobs, default_knobs, schedule_generic, scheduled
+from .shuffle import prepare_table
 from .tuning import TuningDatabase
 
 
@@ -127,12 +130,13 @@ class _LUTConverter:
     db: TuningDatabase | None
     kernels: dict[KernelSpec, tvm.ir.GlobalVar] = field(default_factory=dict)
 
-    def _gvar(self, importer, spec: KernelSpec) -> tvm.ir.GlobalVar:
+    def _knobs(self, spec: KernelSpec, gather_only: bool) -> Knobs:
+        return (self.db.knobs(spec, self.target, gather_only=gather_only) if self.db else None) or default_knobs(
+            spec, self.target, gather_only=gather_only)
+
+    def _gvar(self, importer, spec: KernelSpec, gather_only: bool = True) -> tvm.ir.GlobalVar:
         if spec not in self.kernels:
-            # the model's tables stay in the plain [C, K, M] layout, which gather kernels read
-            knobs = (self.db.knobs(spec, self.target, gather_only=True) if self.db else None) or default_knobs(
-                spec, self.target, gather_only=True)
-            func = scheduled(spec, self.target, knobs)
+            func = scheduled(spec, self.target, self._knobs(spec, gather_only))
             # already scheduled, never fused into neighbours (op_pattern 8 = kOpaque)
             func = func.with_attrs({"global_symbol": spec.name, "op_pattern": 8})
             self.kernels[spec] = importer.block_builder.add_func(func, spec.name)
@@ -149,8 +153,15 @@ class _LUTConverter:
         codes = bb.emit(relax.call_tir(self._gvar(importer, enc), [rows, protos_t, pnorm],
                                        relax.TensorType((n, c), "uint8")))
         look = LookupSpec(n, c, k, m, dtype)
+        # a constant table can be repacked for the in-register shuffle kernels (as accelerate_ does);
+        # conv tables and non-constant ones stay [C, K, M], which the gather kernels read
+        constant = isinstance(table, tvm.ir.expr.Constant)
+        kernel = self._knobs(look, gather_only=not constant).kernel
+        if kernel != "gather":
+            table = relax.const(prepare_table(table.value.numpy(), kernel))
         args = [codes, table, bias] if dtype == "float32" else [codes, table, scale, bias]
-        return bb.emit(relax.call_tir(self._gvar(importer, look), args, relax.TensorType((n, m), "float32")))
+        return bb.emit(relax.call_tir(self._gvar(importer, look, gather_only=not constant), args,
+                                      relax.TensorType((n, m), "float32")))
 
     def conv2d(self, node, importer) -> relax.Var:
         x, protos_m2, pnorm, table, scale, bias, kernel, stride, padding, dilation = importer.retrieve_args(node)
@@ -220,7 +231,11 @@ def _fast_gelu(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 def _pipeline(target: Target) -> tvm.transform.Pass:
     cpu = relax.backend.cpu_generic.pipeline
     return tvm.transform.Sequential(
-        [_fast_gelu, relax.transform.FastMathTransform()]
+        [_fast_gelu, relax.transform.FastMathTransform(),
+         # channels last (weights HWIO): the dense convs (stem, patch embedding) become register-tiled
+         # GEMMs over output channels; NCHW tiles pixels and reads strided inputs
+         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+         relax.transform.EliminateCommonSubexpr()]  # ConvertLayout transposes a tensor back once per use
         + cpu.library_dispatch_passes(target)
         + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
            relax.transform.FuseOps(), relax.transform.FuseTIR(), _schedule_rest]
@@ -244,6 +259,33 @@ class CompiledModel:
         while not hasattr(out, "numpy"):  # the torch importer returns a tuple of outputs
             out = out[0]
         return out.numpy()
+
+    def profile(self, x: Tensor, calls: int = 5, clock: Callable[[], float] = time.perf_counter,
+                ) -> dict[str, tuple[int, float]]:
+        """Time per compiled function over ``calls`` forwards, slowest first: name -> (calls per
+        forward, ms per forward). Layers of one shape share a function (DeiT's 12 ``layer_norm``
+        calls); the VM's builtins (``vm.builtin.alloc_tensor``) are listed too."""
+        spent: dict[str, list] = {}
+        start = [0.0]
+
+        def instrument(func, name, before, ret, *args):
+            if before:
+                start[0] = clock()
+            else:
+                entry = spent.setdefault(name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += clock() - start[0]
+            return 0  # VMInstrumentReturnKind.NO_OP
+
+        arg = tvm.runtime.tensor(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32), self.device)
+        self.vm["main"](arg)
+        self.vm.set_instrument(instrument)
+        try:
+            for _ in range(calls):
+                self.vm["main"](arg)
+        finally:
+            self.vm.set_instrument(lambda *a: 0)
+        return {k: (n // calls, t / calls * 1e3) for k, (n, t) in sorted(spent.items(), key=lambda kv: -kv[1][1])}
 
     def __call__(self, x: Tensor) -> Tensor:
         if tuple(x.shape) != self.input_shape:

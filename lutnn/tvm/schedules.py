@@ -238,26 +238,113 @@ def scheduled(spec: KernelSpec, target: Target, knobs: Knobs | None = None) -> t
 def schedule_generic(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
     """Parallel + vectorised schedule for any CPU PrimFunc (dlight has no CPU matmul rule).
 
-    Matmul-like reductions (spatial ``..., i, j``, one reduction, two inputs) get a
+    First every elementwise block with one consumer is inlined into it (the legalised ops
+    chain slices, transposes, casts and selects through full-size buffers, one pass each).
+    A function whose last block is elementwise over rows (softmax, layernorm: reductions
+    then a normalise) is then computed one row at a time, rows across threads, so the
+    row stays in L1 between its passes. Otherwise each block gets the first rule that
+    applies: matmul-like reductions (spatial ``..., i, j``, one reduction, two inputs) a
     register tile with the reduction between the tile loops, like the lookup kernel;
     other blocks are split across threads and vectorised. A block that refuses a rule
     tries the next one and keeps the default lowering if none applies.
     """
     sch = Schedule(func)
     try:
-        names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+        root = sch.get_sblock("root")
     except (ScheduleError, ValueError):
         return func
-    for name in names:
+    _inline_elementwise(sch, root)
+    trial = sch.copy()
+    if _rows_at_once(trial, trial.get_sblock("root"), target):
+        return trial.mod["main"]
+    done: set[str] = set()
+    while True:  # a rule may add blocks (padding copies): schedule those too
+        todo = [n for n in (sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))) if n not in done]
+        if not todo:
+            return sch.mod["main"]
+        done.add(todo[0])
         for rule in (_tile_matmul, _parallel_vectorize):
             trial = sch.copy()
             try:
-                if rule(trial, trial.get_sblock(name), target):
+                if rule(trial, trial.get_sblock(todo[0]), target):
                     sch = trial
                     break
             except (ScheduleError, ValueError):
                 continue
-    return sch.mod["main"]
+
+
+def _inline_elementwise(sch: Schedule, root) -> None:
+    """Inline spatial-only blocks that feed exactly one block (never an output block; a block
+    read by two consumers, e.g. softmax's ``exp``, stays so it is computed once)."""
+    changed = True
+    while changed:
+        changed = False
+        blocks = sch.get_child_blocks(root)
+        for block in blocks[:-1]:
+            if any(t != 0 for t in _iter_types(sch, block)) or len(sch.get_consumers(block)) != 1 or _pads(sch, block):
+                continue
+            try:
+                sch.compute_inline(block)
+                changed = True
+                break
+            except (ScheduleError, ValueError):
+                continue
+
+
+def _size(region) -> int:
+    """Elements of the buffer a block read/write region belongs to."""
+    n = 1
+    for s in region.source.shape:
+        n *= int(s)
+    return n
+
+
+def _pads(sch: Schedule, block) -> bool:
+    """Whether ``block`` writes more elements than its input has (zero padding of a conv):
+    inlined, it would put a bounds check on every input load of the consumer's inner loop."""
+    b = sch.get(block)
+    return bool(b.reads) and _size(b.writes[0]) > max(_size(r) for r in b.reads)
+
+
+def _rows_at_once(sch: Schedule, root, target: Target) -> bool:
+    """Reductions over the last axis followed by an elementwise block over the same rows:
+    every block computed under the last block's row loops, rows split across threads, the
+    row vectorised (sums and maxima as ``lanes`` partial results, then one horizontal step)."""
+    blocks = sch.get_child_blocks(root)
+    last = blocks[-1]
+    if len(blocks) < 2 or any(t != 0 for t in _iter_types(sch, last)):
+        return False
+    n_rows = len(sch.get_loops(last)) - 1  # row loops: all but the last
+    reductions = [_iter_types(sch, b) for b in blocks[:-1] if 2 in _iter_types(sch, b)]
+    if n_rows < 1 or not reductions or any(t.count(0) != n_rows for t in reductions):
+        return False  # e.g. a conv + bias: its reduction keeps more spatial axes than the rows
+    width = _extent(sch, sch.get_loops(last)[-1])
+    # rows of whole vectors only: an odd row (197 tokens) is left to LLVM (predicated vector tails
+    # measured 1.6x slower for softmax, and a predicated rfactor summed the tail lanes: wrong results)
+    lanes = red_lanes = _lanes(width, 4, target)
+    try:
+        partials = []
+        for block in blocks[:-1] if red_lanes > 1 else []:
+            types, loops = _iter_types(sch, block), sch.get_loops(block)
+            if types.count(2) == 1 and types[-1] == 2 and _extent(sch, loops[-1]) == width:
+                _, lane = sch.split(loops[-1], [None, red_lanes])
+                partials.append(sch.get(sch.rfactor(lane, factor_axis=len(types) - 1)).name_hint)
+        loops = sch.get_loops(last)
+        for block in reversed(sch.get_child_blocks(root)[:-1]):
+            sch.compute_at(block, loops[-2], preserve_unit_loops=True)
+        row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        sch.parallel(row)
+        for block in sch.get_child_blocks(row) if lanes > 1 else []:
+            inner = sch.get_loops(block)[-1]
+            if sch.get(block).name_hint in partials:  # loops: row, lane, unit loops, reduction
+                lane = sch.get_loops(block)[1]
+                sch.reorder(inner, lane)
+                sch.vectorize(lane)
+            elif _extent(sch, inner) == width and all(t == 0 for t in _iter_types(sch, block)):
+                sch.vectorize(sch.split(inner, [None, lanes])[1])
+    except (ScheduleError, ValueError):
+        return False
+    return True
 
 
 def _iter_types(sch: Schedule, block) -> list[int]:
@@ -279,18 +366,45 @@ def _tile_matmul(sch: Schedule, block, target: Target) -> bool:
         return False
     if any(t != 2 for t in types[n_spatial:]):  # spatial loops first, then only reductions
         return False
+    # odd extents (197 tokens) are padded to whole register tiles (4 rows x whole vectors): an
+    # unpadded 197-wide tile had 1 row and no vectors (1.6x slower attention matmuls)
+    full = simd_bytes(target) // 4
+    i_extent = _extent(sch, loops[n_spatial - 2])
+    pad = [1] * (n_spatial - 2) + [4 if i_extent % 2 and i_extent > 4 else 1,
+                                   full if _extent(sch, loops[n_spatial - 1]) % full else 1] + [1] * (len(types) - n_spatial)
+    macs = 1
+    for loop in loops:
+        macs *= _extent(sch, loop)
+    # padding copies the operands each call: only where each element is reused enough (not a GEMV)
+    reads = sch.get(block).reads
+    # only true matmuls (each operand indexed by plain loop variables): a conv's window indexing made
+    # pad_einsum's copies cost 10x the 7x7 conv itself
+    padded = (any(p > 1 for p in pad) and macs >= 16 * sum(_size(r) for r in reads)
+              and all(isinstance(rng.min, (tirx.Var, tirx.IntImm)) for r in reads for rng in r.region))
+    if padded:
+        sch.pad_einsum(block, pad)
+        loops = sch.get_loops(block)
     *batch, i, j = loops[:n_spatial]
     reds = loops[n_spatial:]
     lanes = _lanes(_extent(sch, j), 4, target)
     rows = _largest_divisor(_extent(sch, i), (1, 2, 4))
-    # j with no power-of-two factor (e.g. 17 tokens): one whole row per tile, LLVM vectorises it
     cols = lanes * _largest_divisor(_extent(sch, j) // lanes, (1, 2, 4)) if lanes > 1 else _extent(sch, j)
+    if rows == 1 and _extent(sch, i) in (3, 5, 7) and cols >= 2 * lanes > 2:
+        rows, cols = _extent(sch, i), 2 * lanes  # a 7-pixel conv row: 7 x 2 vectors of accumulators
     i_o, i_i = sch.split(i, [None, rows])
     j_o, j_i = sch.split(j, [None, cols])
     j_v, j_l = sch.split(j_i, [None, lanes])
     sch.reorder(*batch, i_o, j_o, *reds, i_i, j_v, j_l)
     wb = sch.cache_write(block, 0, "global")
     sch.reverse_compute_at(wb, j_o)
+    if padded and pad[-1 - len(reds)] == 1:
+        # only rows padded: the tile writes straight into the unpadded output (a row check, whole
+        # vector stores) instead of a full-size copy after (1.3x faster at DeiT b8; with padded
+        # columns the stores would be masked lane by lane: slower)
+        try:
+            sch.reverse_compute_inline(sch.get_consumers(wb)[0])
+        except (ScheduleError, ValueError):
+            pass
     sch.parallel(sch.fuse(*batch, i_o, j_o))
     sch.unroll(i_i)
     if lanes > 1:
@@ -309,6 +423,13 @@ def _parallel_vectorize(sch: Schedule, block, target: Target) -> bool:
     n_spatial = next((i for i, t in enumerate(types) if t != 0), len(types))
     if n_spatial == 0:
         return False
+    if n_spatial == len(loops) and len(loops) > 1:
+        # threads over rows; a row of whole vectors is vectorised, an odd one (197 tokens) left to
+        # LLVM: fusing it with the rows would cost an index division per lane
+        sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+        if _extent(sch, loops[-1]) % (simd_bytes(target) // 4) == 0:
+            sch.vectorize(sch.split(loops[-1], [None, simd_bytes(target) // 4])[1])
+        return True
     if n_spatial == len(loops):  # purely elementwise: vectorise the fused tail
         fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
         lanes = _lanes(_extent(sch, fused), 4, target)
@@ -316,6 +437,18 @@ def _parallel_vectorize(sch: Schedule, block, target: Target) -> bool:
         sch.parallel(outer)
         if lanes > 1:
             sch.vectorize(inner)
+        return True
+    full = simd_bytes(target) // 4
+    if n_spatial > 1 and _extent(sch, loops[n_spatial - 1]) % full == 0 and all(t == 2 for t in types[n_spatial:]):
+        # a reduction per element of a channels-last row (pooling): the reduction loops outside
+        # one vector of the last spatial axis
+        *rows, last = loops[:n_spatial]
+        vec_o, vec = sch.split(last, [None, full])
+        sch.reorder(*rows, vec_o, *loops[n_spatial:], vec)
+        sch.parallel(sch.fuse(*rows))
+        sch.vectorize(vec)
+        init = sch.decompose_reduction(block, loops[n_spatial])
+        sch.vectorize(sch.get_loops(init)[-1])
         return True
     outer = sch.fuse(*loops[:n_spatial]) if n_spatial > 1 else loops[0]
     sch.parallel(outer)
