@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .functional import build_table, split_subvectors, squared_distances, table_lookup
+from .functional import build_table, squared_distances, table_lookup
 
 # Elements of one [C, chunk, K] block: ~4 MiB of fp32, so a chunk's distances, soft
 # assignment and gradient stay in the L2/L3 cache of a core.
