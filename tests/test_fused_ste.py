@@ -107,8 +107,8 @@ def test_fusable_chunk_backward_is_the_same_math(v):
     torch.manual_seed(0)
     x, dx_hat = torch.randn(23, 36), torch.randn(23, 36)
     prototypes, inv_tau = torch.randn(36 // v, 16, v), torch.tensor(0.7)
-    for a, b in zip(fused.soft_backward_chunk(x, dx_hat, prototypes, inv_tau),
-                    fused.soft_backward_fusable(x, dx_hat, prototypes, inv_tau)):
+    for a, b in zip(fused.soft_backward_chunk(x.T, dx_hat.T, prototypes, inv_tau),
+                    fused.soft_backward_fusable(x.T, dx_hat.T, prototypes, inv_tau)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
