@@ -64,6 +64,12 @@ def test_study_config_errors(tmp_path, change, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+def test_study_models_option_rejects_unknown_names(tmp_path, capsys):
+    assert main(["--config", str(_write(tmp_path, _study(tmp_path))), "--models", "cnn", "vgg"]) == 2
+    err = capsys.readouterr().err
+    assert "--models: unknown ['vgg']; the config has ['cnn', 'vit', 'vit_v8']" in err and err.count("\n") == 1
+
+
 def test_study_model_errors_name_the_model(tmp_path):
     study = _study(tmp_path)
     study["models"]["vit"]["lut"] = {"subvec_len": 5, "include": ["blocks.*"]}
@@ -77,8 +83,13 @@ def test_study_model_errors_name_the_model(tmp_path):
 
 def test_study_smoke_on_digits(tmp_path, capsys):
     path = _write(tmp_path, _study(tmp_path))
-    assert main(["--config", str(path)]) == 0
     out = tmp_path / "study"
+    assert main(["--config", str(path), "--models", "cnn"]) == 0  # one model only, as a parallel process would
+    assert {r["model"] for r in json.loads((out / "study.json").read_text())["rows"]} == {"cnn"}
+    assert not (out / "vit").exists()
+    cnn_rows = (out / "cnn" / "rows.json").read_text()
+    assert main(["--config", str(path)]) == 0  # the rest, with cnn's kept rows in the full table
+    assert (out / "cnn" / "rows.json").read_text() == cnn_rows
     rows = json.loads((out / "study.json").read_text())["rows"]
     expected = [(m, k) for m in ("cnn", "vit") for k in METHODS] + [("vit_v8", k) for k in ("dense", "kmeans", "lutnn")]
     assert [(r["model"], r["method"]) for r in rows] == expected
