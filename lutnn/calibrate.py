@@ -5,11 +5,16 @@
    keeps a bounded random sample of each layer's input rows.
 2. :func:`init_prototypes` runs k-means per codebook on those rows and writes the
    centroids into the layers, reporting each layer's output reconstruction error.
+
+:func:`init_prototypes_sequential` does both layer by layer in forward order: layer ``l``'s
+prototypes are fitted on the inputs it sees when the layers before it already look up tables,
+so each k-means absorbs the error of the converted layers upstream instead of compounding it.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from itertools import islice
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 import torch
@@ -178,3 +183,34 @@ def init_report_markdown(reports: list[InitReport]) -> str:
         for r in reports
     ]
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def init_prototypes_sequential(
+    model: nn.Module,
+    batches: Iterable,
+    max_rows: int = 16384,
+    num_batches: int | None = None,
+    backend: str = "auto",
+    niter: int = 25,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> list[InitReport]:
+    """k-means every LUT layer, in ``lut_layers`` (module) order, on inputs produced by the layers before it
+    already in table-lookup mode (the layers after it run dense).
+
+    One calibration pass per layer over the same ``num_batches`` batches (kept in memory), so the cost is
+    ``len(lut_layers(model))`` times :func:`capture_rows`. Module order must be forward order (true for
+    sequential CNNs and transformer blocks), otherwise a layer is fitted on inputs of a not-yet-fitted one.
+    """
+    batches = list(islice(batches, num_batches))
+    layers = lut_layers(model)
+    if not layers:
+        raise ValueError("model has no LUT layers; run lutnn.convert_ first")
+    names = list(layers)
+    reports: list[InitReport] = []
+    for i, name in enumerate(names):
+        with _modes([layers[n] for n in names[i + 1:]], "dense"):
+            rows = capture_rows(model, batches, max_rows, len(batches), seed, device, names=[name])[name]
+        reports += [replace(r, name=name) for r in init_prototypes(layers[name], {"": rows}, backend, niter, seed)]
+    return reports

@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 
 import lutnn
 from lutnn import LUTConfig, PrototypeFileError
-from lutnn.calibrate import capture_rows, init_prototypes, reconstruction_error
+from lutnn.calibrate import capture_rows, init_prototypes, init_prototypes_sequential, reconstruction_error
 from lutnn.kmeans import available_backends
 
 
@@ -123,6 +123,26 @@ def test_kmeans_init_lowers_reconstruction_error(digits, build):
         assert r.error_kmeans < 0.9 * r.error_random, r
         # generalises to rows k-means never saw
         assert reconstruction_error(layers[r.name], test_rows[r.name]) < 0.9 * r.error_random, r.name
+
+
+def test_sequential_init_fits_each_layer_behind_the_converted_ones(digits):
+    """Layer 1's k-means sees layer 0's table-lookup output, not its dense output; layer 0 is unchanged."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    lutnn.convert_(mlp, LUTConfig(subvec_len=4, num_prototypes=8))
+    calib = [digits[0][i:i + 128] for i in range(0, 512, 128)]
+    seq = init_prototypes_sequential(mlp, iter(calib), max_rows=512, num_batches=len(calib), backend="torch", niter=10)
+    assert [r.name for r in seq] == ["0", "2"]
+    fitted = {n: layer.prototypes.clone() for n, layer in lutnn.lut_layers(mlp).items()}
+    # by hand: layer 0 on dense rows, then layer 1 on rows captured with layer 0 looking up tables
+    init_prototypes(mlp, capture_rows(mlp, calib, 512, len(calib)), backend="torch", niter=10)
+    assert torch.equal(mlp[0].prototypes, fitted["0"])
+    parallel = mlp[2].prototypes.clone()
+    mlp[0].set_mode("lut")
+    rows = capture_rows(mlp, calib, 512, len(calib), names=["2"])
+    init_prototypes(mlp[2], {"": rows["2"]}, backend="torch", niter=10)
+    assert torch.equal(mlp[2].prototypes, fitted["2"])
+    assert not torch.allclose(parallel, fitted["2"])  # the dense-input fit differs: the option changes something
 
 
 def test_capture_requires_lut_layers():

@@ -154,3 +154,23 @@ def test_model_ema_average_and_swap():
     with ema.applied(model):
         assert model.weight.tolist() == [[2.0, 2.0]]
     assert model.weight.tolist() == [[4.0, 4.0]]
+
+
+def test_init_sequential_writes_layer_by_layer_prototypes(base, tmp_path):
+    from lutnn.calibrate import init_prototypes_sequential
+    from lutnn.io import load_prototypes
+
+    cfg = tiny_config(tmp_path / "seq", init={"num_batches": 2, "niter": 5, "backend": "torch", "sequential": True},
+                      teacher={"checkpoint": str(base / "teacher.pt")}, log={"tensorboard": False, "plot": False})
+    pipe = Pipeline(load_config(write_config(tmp_path / "seq.yaml", cfg)))
+    pipe.run(["teacher", "prototypes"])
+    expected, _ = lutnn.convert(pipe.teacher(), pipe.cfg.lut_config())
+    loader, n = pipe.calibration_batches()
+    init_prototypes_sequential(expected, loader, pipe.cfg.init.max_rows, n, "torch", 5, pipe.cfg.seed)
+    written, one_pass = (lutnn.convert(pipe.teacher(), pipe.cfg.lut_config())[0] for _ in range(2))
+    load_prototypes(written, pipe.paths.prototypes)
+    load_prototypes(one_pass, base / "prototypes.safetensors")
+    for name, layer in lutnn.lut_layers(written).items():
+        assert torch.equal(layer.prototypes, lutnn.lut_layers(expected)[name].prototypes), name
+    last = list(lutnn.lut_layers(written))[-1]  # behind converted layers: not the one-pass (dense-input) fit
+    assert not torch.allclose(lutnn.lut_layers(written)[last].prototypes, lutnn.lut_layers(one_pass)[last].prototypes)

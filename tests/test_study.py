@@ -43,8 +43,9 @@ def _write(tmp_path, study: dict):
 
 def test_study_config_file_validates():
     cfg, models = load_study(ROOT / "configs" / "study_fashion.yaml")
-    assert [m.name for m in models] == ["resnet9", "deit_v4", "deit_v8", "deit_v4_long", "resnet9_long"]
-    assert models[3].methods == ["dense", "lutnn"] and models[3].run["train"]["epochs"] == 6
+    assert [m.name for m in models] == ["resnet9", "deit_v4", "deit_v8"]
+    assert all(m.methods == list(METHODS) and m.run["init"]["sequential"] for m in models)
+    assert models[0].run["train"]["lr"] == 3e-3 and models[0].run["teacher"]["weight_decay"] == 5e-4  # base + model
     assert cfg.methods == list(METHODS)
     assert models[2].teacher_from == "deit_v4" and models[2].run["lut"]["subvec_len"] == 8
     assert models[0].run["data"]["name"] == "fashion_mnist"  # base merged under each model
@@ -64,6 +65,12 @@ def test_study_config_errors(tmp_path, change, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+def test_study_models_option_rejects_unknown_names(tmp_path, capsys):
+    assert main(["--config", str(_write(tmp_path, _study(tmp_path))), "--models", "cnn", "vgg"]) == 2
+    err = capsys.readouterr().err
+    assert "--models: unknown ['vgg']; the config has ['cnn', 'vit', 'vit_v8']" in err and err.count("\n") == 1
+
+
 def test_study_model_errors_name_the_model(tmp_path):
     study = _study(tmp_path)
     study["models"]["vit"]["lut"] = {"subvec_len": 5, "include": ["blocks.*"]}
@@ -77,8 +84,13 @@ def test_study_model_errors_name_the_model(tmp_path):
 
 def test_study_smoke_on_digits(tmp_path, capsys):
     path = _write(tmp_path, _study(tmp_path))
-    assert main(["--config", str(path)]) == 0
     out = tmp_path / "study"
+    assert main(["--config", str(path), "--models", "cnn"]) == 0  # one model only, as a parallel process would
+    assert {r["model"] for r in json.loads((out / "study.json").read_text())["rows"]} == {"cnn"}
+    assert not (out / "vit").exists()
+    cnn_rows = (out / "cnn" / "rows.json").read_text()
+    assert main(["--config", str(path)]) == 0  # the rest, with cnn's kept rows in the full table
+    assert (out / "cnn" / "rows.json").read_text() == cnn_rows
     rows = json.loads((out / "study.json").read_text())["rows"]
     expected = [(m, k) for m in ("cnn", "vit") for k in METHODS] + [("vit_v8", k) for k in ("dense", "kmeans", "lutnn")]
     assert [(r["model"], r["method"]) for r in rows] == expected

@@ -89,6 +89,7 @@ class InitConfig:
     num_batches: int = 8
     max_rows: int = 16384
     niter: int = 25
+    sequential: bool = False  # layer by layer, on inputs from the already-converted layers before it
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from ..calibrate import capture_rows, init_prototypes, init_report_markdown
+from ..calibrate import capture_rows, init_prototypes, init_prototypes_sequential, init_report_markdown
 from .config import ConfigError, RunConfig, config_diff, save_config
 from ..convert import convert, lut_layers
 from .data import Splits, build_splits, input_size, make_loader, set_epoch
@@ -72,12 +72,16 @@ class Pipeline:
             raise RunError(f"{self.paths.teacher}: no teacher yet (run prototype_learning.py or pipeline.py first)")
         return build_teacher(self.cfg, self.splits.num_classes, self.paths.teacher).to(self.env.device).eval()
 
+    def calibration_batches(self):
+        """The training loader in epoch 0's order and how many of its batches calibrate (``init.num_batches``)."""
+        loader = self.loader(True)
+        set_epoch(loader, 0, self.cfg.seed)
+        return loader, min(self.cfg.init.num_batches, len(loader))
+
     def calibration_rows(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Input rows of every LUT layer from the first ``init.num_batches`` training batches of epoch 0."""
-        init, loader = self.cfg.init, self.loader(True)
-        set_epoch(loader, 0, self.cfg.seed)
-        return capture_rows(model, loader, init.max_rows, min(init.num_batches, len(loader)),
-                            self.cfg.seed, self.env.device)
+        loader, n = self.calibration_batches()
+        return capture_rows(model, loader, self.cfg.init.max_rows, n, self.cfg.seed, self.env.device)
 
     def prepare(self) -> None:
         """Create the run dir and save the resolved config; refuse to mix two configs in one dir."""
@@ -122,9 +126,14 @@ class Pipeline:
         if self.env.is_main:
             init = self.cfg.init
             model, conversion = convert(self.teacher(), self.cfg.lut_config())
-            rows = self.calibration_rows(model)
-            fault_point("calibrated")
-            reports = init_prototypes(model, rows, init.backend, init.niter, self.cfg.seed)
+            if init.sequential:
+                loader, n = self.calibration_batches()
+                reports = init_prototypes_sequential(model, loader, init.max_rows, n, init.backend, init.niter,
+                                                     self.cfg.seed, self.env.device)
+            else:
+                rows = self.calibration_rows(model)
+                fault_point("calibrated")
+                reports = init_prototypes(model, rows, init.backend, init.niter, self.cfg.seed)
             # the prototype file is written last: its presence is what marks this stage done
             write_text_atomic(self.paths.init_report_json, json.dumps([asdict(r) for r in reports], indent=1) + "\n")
             write_text_atomic(self.paths.init_report_md,

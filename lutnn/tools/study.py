@@ -1,6 +1,6 @@
 """``lutnn study``: every LUT method side by side, per model, on one dataset's test split.
 
-    lutnn study --config configs/study_fashion.yaml [--set base.data.train_limit=2000 ...]
+    lutnn study --config configs/study_fashion.yaml [--set base.data.train_limit=2000 ...] [--models resnet9]
 
 For each entry of ``models`` (a run config merged over ``base``) it runs, in order:
 
@@ -362,6 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="study YAML (e.g. configs/study_fashion.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. --set base.data.train_limit=2000 --set methods=[dense,kmeans]")
+    p.add_argument("--models", nargs="+", metavar="NAME",
+                   help="run and report only these models (e.g. two processes on disjoint models, then one run "
+                        "without --models to assemble the full table from the kept rows)")
     args = p.parse_args(argv)
     from ..convert import LUTConfigError
     from ..pipeline.data import DataError
@@ -369,6 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg, models = load_study(args.config, args.overrides)
+        if args.models:
+            unknown = [m for m in args.models if m not in {sm.name for sm in models}]
+            if unknown:
+                raise ConfigError(f"{args.config}: --models: unknown {unknown}; the config has {[sm.name for sm in models]}")
+            models = [sm for sm in models if sm.name in args.models]
         start = time.perf_counter()
         Study(cfg, models).run()
     except (ConfigError, DataError, LUTConfigError, RunError) as err:
