@@ -120,3 +120,15 @@ def test_metaschedule_compiled_model_matches_pytorch(model, tmp_path):
     assert sorted(compiled.ms_scheduled) == sorted(fused_functions(lut, x, TARGET))
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), lut(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_rows_labelled_with_metaschedule_budget():
+    from lutnn.tools.bench_model import Case, to_markdown
+
+    case = Case("m", 1, 1, ms={"tvm-lut": 2.0, "tvm-dense": 3.0, "torch-fp32": 4.0})
+    md = to_markdown([case], "## t", ms_trials=3)
+    assert "| TVM LUT whole model (compile_model), MetaSchedule 3 trials | 2.00 |" in md
+    assert "| TVM dense (compile_model), MetaSchedule 3 trials (best dense) | 3.00 |" in md
+    assert "| PyTorch dense fp32 | 4.00 |" in md
+    assert "MetaSchedule database records" in to_markdown([case], "## t", ms_trials=0)
+    assert "MetaSchedule" not in to_markdown([case], "## t")

@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     tuning_dir = Path(args.tuning_dir) if args.tuning_dir else out / "tvm_tuning"
     start = time.perf_counter()
     cases = [run_case(m, b, t, args.rows, args.img_size, args.tune_trials, tuning_dir, args.min_ms, args.repeat,
-                      args.clock, args.breakdown, args.ms_trials) for m in args.models for t in threads for b in args.batch]
+                      args.clock, args.breakdown, args.ms_trials)
+             for m in args.models for t in threads for b in args.batch]
     from ..tvm.target import host_target
 
     header = (f"## Whole-model latency ({args.img_size}px, int8 LUT tables, random weights; "
