@@ -61,6 +61,7 @@ LUT_ROWS = {
     "non-lut": "non-LUT part alone (LUT layers free)",
 }
 ROWS = {**DENSE_ROWS, **LUT_ROWS}
+MS_ROWS = ("tvm-dense", "tvm-lut")  # rows whose non-LUT functions --ms-trials tunes
 QUICK_IMG = 32
 TOP_FUNCS = 12  # compiled functions listed per TVM row by --breakdown
 
@@ -120,7 +121,7 @@ def _free_lut_layers(lut: nn.Module) -> nn.Module:
 
 
 def build_row(row: str, dense: nn.Module, lut: nn.Module, x: Tensor, threads: int, tune_trials: int,
-              tuning_dir: Path) -> Callable[[Tensor], object]:
+              tuning_dir: Path, ms_trials: int | None = None) -> Callable[[Tensor], object]:
     """The callable timed for ``row`` (its setup — export, compile, tuning — is not timed)."""
     from ..tvm.target import host_target
 
@@ -155,10 +156,10 @@ def build_row(row: str, dense: nn.Module, lut: nn.Module, x: Tensor, threads: in
     from ..tvm.tuning import tune_kernels
 
     if row == "tvm-dense":
-        return compile_model(dense, x, target)
+        return compile_model(dense, x, target, ms_trials=ms_trials, tuning_dir=tuning_dir)
     if row == "tvm-lut":
         db = tune_kernels(lut_kernel_specs(lut, x), target, tuning_dir, tune_trials)
-        return compile_model(lut, x, target, db)
+        return compile_model(lut, x, target, db, ms_trials=ms_trials, tuning_dir=tuning_dir)
     raise ValueError(f"unknown row {row!r}; known: {list(ROWS)}")
 
 
@@ -206,7 +207,8 @@ def lut_time_by_kind(model: nn.Module, x: Tensor, clock: str = "wall", calls: in
 
 
 def run_case(name: str, batch: int, threads: int, rows: list[str], img_size: int, tune_trials: int,
-             tuning_dir: Path, min_ms: float, repeat: int, clock: str = "wall", breakdown: bool = False) -> Case:
+             tuning_dir: Path, min_ms: float, repeat: int, clock: str = "wall", breakdown: bool = False,
+             ms_trials: int | None = None) -> Case:
     from ..tvm.target import set_num_threads
 
     torch.set_num_threads(threads)
@@ -219,7 +221,7 @@ def run_case(name: str, batch: int, threads: int, rows: list[str], img_size: int
         set_num_threads(threads)  # a row may resize TVM's pool (accelerate-tvm1): reset it for the next
         try:
             with torch.no_grad():
-                fn = build_row(row, dense, lut, x, threads, tune_trials, tuning_dir)
+                fn = build_row(row, dense, lut, x, threads, tune_trials, tuning_dir, ms_trials)
             case.ms[row] = median_ms(fn, x, min_ms, repeat, clock)
             if breakdown and row in ("torch-lut", "accelerate", "accelerate-lut-only"):
                 case.lut_kinds[row] = lut_time_by_kind(fn, x, clock)
@@ -233,14 +235,23 @@ def run_case(name: str, batch: int, threads: int, rows: list[str], img_size: int
     return case
 
 
-def to_markdown(cases: list[Case], header: str) -> str:
+def row_labels(ms_trials: int | None = None) -> dict[str, str]:
+    """:data:`ROWS`, the compiled rows marked with their MetaSchedule budget when one is used."""
+    if ms_trials is None:
+        return dict(ROWS)
+    how = f"MetaSchedule {ms_trials} trials" if ms_trials else "MetaSchedule database records"
+    return {row: f"{label}, {how}" if row in MS_ROWS else label for row, label in ROWS.items()}
+
+
+def to_markdown(cases: list[Case], header: str, ms_trials: int | None = None) -> str:
+    labels = row_labels(ms_trials)
     lines = [header, ""]
     for c in cases:
         best = c.best_dense()
         fp32 = c.ms.get("torch-fp32")
         lines += [f"### {c.model}, batch {c.batch}, {c.threads} thread{'s' if c.threads > 1 else ''}", "",
                   "| row | median ms | speed-up vs best dense | vs PyTorch fp32 |", "|---|---:|---:|---:|"]
-        for row, label in ROWS.items():
+        for row, label in labels.items():
             if row in c.ms:
                 ms = c.ms[row]
                 vs_best = f"{best[1] / ms:.2f}x" if best else "-"
@@ -259,7 +270,7 @@ def to_markdown(cases: list[Case], header: str) -> str:
             lines.append("")
         for row, funcs in c.tvm_funcs.items():
             total = sum(ms for _, ms in funcs.values())
-            lines += [f"Where the time goes, {ROWS[row]}: {total:.2f} ms in compiled functions per forward "
+            lines += [f"Where the time goes, {labels[row]}: {total:.2f} ms in compiled functions per forward "
                       f"(VM instrument; the {TOP_FUNCS} slowest)", "",
                       "| function | calls | ms per forward |", "|---|---:|---:|"]
             lines += [f"| {k} | {n} | {ms:.2f} |" for k, (n, ms) in list(funcs.items())[:TOP_FUNCS]]
@@ -269,7 +280,7 @@ def to_markdown(cases: list[Case], header: str) -> str:
     return "\n".join(lines)
 
 
-def plot(cases: list[Case], path: Path) -> None:
+def plot(cases: list[Case], path: Path, ms_trials: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,7 +292,7 @@ def plot(cases: list[Case], path: Path) -> None:
     xs = np.arange(len(cases))
     for i, row in enumerate(shown):
         vals = [(c.best_dense()[1] / c.ms[row]) if row in c.ms and c.best_dense() else 0.0 for c in cases]
-        ax.bar(xs + (i - (len(shown) - 1) / 2) * width, vals, width, label=ROWS[row])
+        ax.bar(xs + (i - (len(shown) - 1) / 2) * width, vals, width, label=row_labels(ms_trials)[row])
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(xs, [f"{c.model}\nb{c.batch} t{c.threads}" for c in cases], fontsize=7)
     ax.set_ylabel("speed-up over the best dense row")
@@ -302,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
                     choices=list(ROWS), help="rows to measure (default: all but the accelerate- diagnostics)")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--tune-trials", type=int, default=0, help="LUT kernel tuning trials per shape (0: hand schedule)")
+    ap.add_argument("--ms-trials", type=int, default=None,
+                    help="MetaSchedule for the non-LUT functions of the TVM rows: trials per function without a "
+                         "record in --tuning-dir (0: apply the records only; default: hand schedules only)")
     ap.add_argument("--tuning-dir", default=None, help="tuning database dir (default OUT/tvm_tuning)")
     ap.add_argument("--min-ms", type=float, default=200.0, help="each sample runs at least this long")
     ap.add_argument("--repeat", type=int, default=7, help="samples per row (the median is reported)")
@@ -326,13 +340,16 @@ def main(argv: list[str] | None = None) -> int:
     tuning_dir = Path(args.tuning_dir) if args.tuning_dir else out / "tvm_tuning"
     start = time.perf_counter()
     cases = [run_case(m, b, t, args.rows, args.img_size, args.tune_trials, tuning_dir, args.min_ms, args.repeat,
-                      args.clock, args.breakdown) for m in args.models for t in threads for b in args.batch]
+                      args.clock, args.breakdown, args.ms_trials)
+             for m in args.models for t in threads for b in args.batch]
     from ..tvm.target import host_target
 
     header = (f"## Whole-model latency ({args.img_size}px, int8 LUT tables, random weights; "
               f"{os.cpu_count()} CPUs, target {host_target(1).attrs['mcpu']}, tune trials {args.tune_trials}, "
+              f"{f'MetaSchedule trials {args.ms_trials}, ' if args.ms_trials is not None else ''}"
               f"{args.clock} clock, median of {args.repeat} samples >= {args.min_ms:g} ms; run took {time.perf_counter() - start:.0f} s)")
-    write_report(out, "bench_model", to_markdown(cases, header), lambda path: plot(cases, path))
+    write_report(out, "bench_model", to_markdown(cases, header, args.ms_trials),
+                 lambda path: plot(cases, path, args.ms_trials))
     return 0
 
 

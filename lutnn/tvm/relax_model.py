@@ -7,7 +7,8 @@ for one that calls ``lutnn::lut_conv2d`` (NCHW in, NCHW out, :mod:`.conv` kernel
 the exported graph keeps each LUT layer as a single node; ``custom_convert_map`` turns
 that node into two ``call_tir``s of the LUT kernels (encode, read-accumulate), with the
 tuned knobs when the tuning database has them. Everything else is imported by the stock frontend,
-legalised to TIR, fused, and scheduled by :func:`schedules.schedule_generic`. The
+legalised to TIR, fused, and scheduled by :func:`schedules.schedule_generic`, or on request
+(``ms_trials``) by MetaSchedule (:mod:`.metaschedule`). The
 dense model goes through the identical pipeline (without shims) as a fair baseline.
 
 Shapes are static: a compiled model serves one batch size (pad the last batch).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -30,11 +32,12 @@ from tvm.target import Target
 
 from ..layers import LUTConv2d, LUTLinear
 from ..layers import functional as LF
+from . import metaschedule
 from .conv import ConvEncodeSpec, ConvGeometry, ConvLookupSpec, conv_constants, table_dtype
-from .kernels import KERNEL_ATTR, EncodeSpec, KernelSpec, LookupSpec
+from .kernels import EncodeSpec, KernelSpec, LookupSpec
 from .schedules import Knobs, default_knobs, schedule_generic, scheduled
 from .shuffle import prepare_table
-from .tuning import TuningDatabase
+from .tuning import TuningDatabase, default_tuning_dir
 
 
 @torch.library.custom_op("lutnn::lut_rows", mutates_args=())
@@ -195,15 +198,36 @@ def lut_kernel_specs(model: nn.Module, example: Tensor) -> list[KernelSpec]:
     return specs
 
 
-@tvm.transform.module_pass(opt_level=0, name="lutnn.ScheduleGeneric")
-def _schedule_rest(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    """Schedule every TIR function that is not a (pre-scheduled) LUT kernel."""
-    target = Target.current()
-    out = tvm.IRModule(mod.functions, mod.type_definitions if hasattr(mod, "type_definitions") else None)
-    for gv, func in mod.functions_items():
-        if isinstance(func, tvm.tirx.PrimFunc) and (func.attrs is None or KERNEL_ATTR not in func.attrs):
-            out[gv] = schedule_generic(func, target)
-    return out
+@dataclass(frozen=True)
+class MetaScheduleOptions:
+    """MetaSchedule for the non-LUT functions: ``trials`` per function lacking a record (0: apply
+    records only), database under ``tuning_dir`` (:func:`.metaschedule.database_dir`)."""
+
+    trials: int
+    tuning_dir: Path
+
+
+def _schedule_rest(options: MetaScheduleOptions | None, applied: list[str]) -> tvm.transform.Pass:
+    """Schedule every TIR function that is not a (pre-scheduled) LUT kernel: the MetaSchedule
+    record where ``options`` is given and the database has one (names appended to ``applied``),
+    else :func:`schedules.schedule_generic`."""
+
+    @tvm.transform.module_pass(opt_level=0, name="lutnn.ScheduleRest")
+    def schedule_rest(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        target = Target.current()
+        funcs = metaschedule.tunable(mod)
+        db = (metaschedule.tune_functions(funcs, target, metaschedule.database_dir(options.tuning_dir, target),
+                                          options.trials) if options else None)
+        out = tvm.IRModule(mod.functions, mod.type_definitions if hasattr(mod, "type_definitions") else None)
+        for gv, func in mod.functions_items():
+            if gv.name_hint in funcs:
+                tuned = metaschedule.lookup(db, func, target) if db is not None else None
+                if tuned is not None:
+                    applied.append(gv.name_hint)
+                out[gv] = tuned if tuned is not None else schedule_generic(func, target)
+        return out
+
+    return schedule_rest
 
 
 @relax.expr_functor.mutator
@@ -228,29 +252,44 @@ def _fast_gelu(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mutator.builder_.get()
 
 
-def _pipeline(target: Target) -> tvm.transform.Pass:
+def _fuse_passes(target: Target) -> list[tvm.transform.Pass]:
+    """Relax graph rewrites, legalisation to TIR and fusion: what produces the functions to schedule."""
+    return ([_fast_gelu, relax.transform.FastMathTransform(),
+             # channels last (weights HWIO): the dense convs (stem, patch embedding) become register-tiled
+             # GEMMs over output channels; NCHW tiles pixels and reads strided inputs
+             relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+             relax.transform.EliminateCommonSubexpr()]  # ConvertLayout transposes a tensor back once per use
+            + relax.backend.cpu_generic.pipeline.library_dispatch_passes(target)
+            + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+               relax.transform.FuseOps(), relax.transform.FuseTIR()])
+
+
+def _pipeline(target: Target, ms_options: MetaScheduleOptions | None = None,
+              ms_applied: list[str] | None = None) -> tvm.transform.Pass:
     cpu = relax.backend.cpu_generic.pipeline
     return tvm.transform.Sequential(
-        [_fast_gelu, relax.transform.FastMathTransform(),
-         # channels last (weights HWIO): the dense convs (stem, patch embedding) become register-tiled
-         # GEMMs over output channels; NCHW tiles pixels and reads strided inputs
-         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
-         relax.transform.EliminateCommonSubexpr()]  # ConvertLayout transposes a tensor back once per use
-        + cpu.library_dispatch_passes(target)
-        + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-           relax.transform.FuseOps(), relax.transform.FuseTIR(), _schedule_rest]
-        + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
-    )
+        _fuse_passes(target) + [_schedule_rest(ms_options, ms_applied if ms_applied is not None else [])]
+        + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+
+
+def fused_functions(model: nn.Module, example: Tensor, target: Target) -> dict[str, tvm.tirx.PrimFunc]:
+    """The unscheduled non-LUT TIR functions of ``model`` compiled at ``example``'s shape: what
+    ``schedule_generic`` or MetaSchedule (``compile_model(..., ms_trials=N)``) schedules."""
+    mod, _ = import_model(model.eval(), example, target)
+    with target:
+        return metaschedule.tunable(tvm.transform.Sequential(_fuse_passes(target))(mod))
 
 
 class CompiledModel:
     """A model compiled by TVM for one input shape; call it with a torch tensor."""
 
     def __init__(self, mod: tvm.IRModule, target: Target, input_shape: tuple[int, ...],
-                 kernels: list[KernelSpec]) -> None:
+                 kernels: list[KernelSpec], ms_options: MetaScheduleOptions | None = None) -> None:
         self.input_shape, self.kernels, self.target = tuple(input_shape), kernels, target
+        self.ms_scheduled: list[str] = []  # functions compiled with a MetaSchedule record
         with target:
-            self.executable = relax.build(mod, target=target, relax_pipeline=_pipeline(target))
+            self.executable = relax.build(mod, target=target,
+                                          relax_pipeline=_pipeline(target, ms_options, self.ms_scheduled))
         self.device = tvm.cpu()
         self.vm = relax.VirtualMachine(self.executable, self.device)
 
@@ -294,7 +333,20 @@ class CompiledModel:
 
 
 def compile_model(model: nn.Module, example: Tensor, target: Target, db: TuningDatabase | None = None,
-                  ) -> CompiledModel:
-    """Compile ``model`` (LUT or dense) for CPU at ``example``'s shape."""
+                  ms_trials: int | None = None, tuning_dir: str | Path | None = None) -> CompiledModel:
+    """Compile ``model`` (LUT or dense) for CPU at ``example``'s shape.
+
+    ``ms_trials``: None (default) schedules the non-LUT functions by hand
+    (:func:`schedules.schedule_generic`) and reads no MetaSchedule database; 0 compiles every
+    function the database under ``tuning_dir`` (default :func:`.tuning.default_tuning_dir`) has
+    a record for with that record, tuning nothing (a deployment build never starts a search);
+    N > 0 first tunes, N trials each, the functions without a record. Functions without a
+    record keep the hand schedule. Records are applied only on request, so the default build
+    never depends on what a database holds.
+    """
+    if ms_trials is not None and ms_trials < 0:
+        raise ValueError(f"ms_trials must be None or >= 0, got {ms_trials}")
+    options = (MetaScheduleOptions(ms_trials, Path(tuning_dir or default_tuning_dir()))
+               if ms_trials is not None else None)
     mod, kernels = import_model(model.eval(), example, target, db)
-    return CompiledModel(mod, target, tuple(example.shape), kernels)
+    return CompiledModel(mod, target, tuple(example.shape), kernels, options)

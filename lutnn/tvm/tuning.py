@@ -9,11 +9,11 @@ timed in-process; the best knobs per workload (target CPU + kernel shape) go to
 plain ``[C, K, M]`` table layout). A workload already in the file is never tuned again,
 so a second call with the same shapes does no tuning.
 
-Why not ``meta_schedule.tune_tir``: in the installed apache-tvm 0.27.0.post1 serialising
-any TIR node (``tvm.ir.save_json``, used by MetaSchedule's JSON database and by its
-builder to ship modules to worker processes) segfaults, so its tuning loop crashes
-before the first trial. The schedules here are still expressed with the same
-``s_tir.Schedule`` primitives and the knob values are plain decisions.
+Why not MetaSchedule here: the search space is not only loop tiles but the kernel kind and
+the table layout it reads (gather vs the repacked shuffle tables), which a MetaSchedule trace
+cannot express. MetaSchedule does tune the other functions of a compiled model, on request
+(:mod:`.metaschedule`). The schedules here use the same ``s_tir.Schedule`` primitives and the
+knob values are plain decisions.
 """
 from __future__ import annotations
 
