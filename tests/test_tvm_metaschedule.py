@@ -4,7 +4,8 @@ request, LUT kernels are never handed to MetaSchedule, and MetaSchedule-compiled
 The fast tests write records without measuring (a MetaSchedule search in a fresh process spends
 minutes on this loaded machine before its first trial, see docs/speed.md); real tuning is in the
 slow tests."""
-import numpy as np
+import json
+
 import pytest
 import torch
 import tvm
@@ -16,6 +17,7 @@ import lutnn
 from lutnn.tvm import metaschedule
 from lutnn.tvm.kernels import KERNEL_ATTR
 from lutnn.tvm.relax_model import compile_model, fused_functions, import_model
+from lutnn.tvm.schedules import schedule_generic
 from lutnn.tvm.target import host_target
 
 TARGET = host_target(1)
@@ -63,14 +65,55 @@ def test_tunable_skips_lut_kernels(model):
     assert not kernels & set(fused_functions(lut, x, TARGET))
 
 
-def test_records_applied_and_model_matches_pytorch(model, tuning_dir):
+def test_records_applied_and_model_matches_pytorch(model, tuning_dir, monkeypatch):
     lut, x = model
     root, names = tuning_dir
+    monkeypatch.setattr(metaschedule, "beats_hand", lambda *args: True)
     for trials in (0, 1):  # every function has a record: nothing to tune either way
         compiled = compile_model(lut, x, TARGET, ms_trials=trials, tuning_dir=root)
         assert sorted(compiled.ms_scheduled) == names
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), lut(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("record_ms, applied", [(1.0, True), (3.0, False)])
+def test_record_used_only_where_it_beats_the_hand_schedule(model, tuning_dir, tmp_path, monkeypatch,
+                                                           record_ms, applied):
+    """Each function's record and hand schedule are timed once (record first); only a faster record
+    is compiled in, and the verdicts are cached: a second compile times nothing."""
+    lut, x = model
+    root, names = tuning_dir
+    work = tmp_path / "tuning"
+    db_dir = metaschedule.database_dir(work, TARGET)
+    db_dir.parent.mkdir(parents=True)
+    import shutil
+    shutil.copytree(metaschedule.database_dir(root, TARGET), db_dir)
+    times = iter([record_ms, 2.0] * len(names))
+    monkeypatch.setattr(metaschedule, "time_kernel", lambda *a, **k: next(times))
+    compiled = compile_model(lut, x, TARGET, ms_trials=0, tuning_dir=work)
+    assert sorted(compiled.ms_scheduled) == (names if applied else [])
+    verdicts = json.loads((db_dir / metaschedule.VERDICTS_FILE).read_text())
+    assert len(verdicts) == len(names)
+    assert {(v["metaschedule_ms"], v["hand_ms"]) for v in verdicts.values()} == {(record_ms, 2.0)}
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again despite a cached verdict")
+
+    monkeypatch.setattr(metaschedule, "time_kernel", no_timing)
+    again = compile_model(lut, x, TARGET, ms_trials=0, tuning_dir=work)
+    assert sorted(again.ms_scheduled) == sorted(compiled.ms_scheduled)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), lut(x), rtol=1e-5, atol=1e-5)
+
+
+def test_beats_hand_times_both_for_real(model, tmp_path):
+    lut, x = model
+    name, func = sorted(fused_functions(lut, x, TARGET).items())[0]
+    hand = schedule_generic(func, TARGET)
+    verdict = metaschedule.beats_hand(tmp_path, func, func, hand, TARGET)  # the unscheduled function as a "record"
+    (entry,) = json.loads((tmp_path / metaschedule.VERDICTS_FILE).read_text()).values()
+    assert entry["metaschedule_ms"] > 0 and entry["hand_ms"] > 0
+    assert verdict == (entry["metaschedule_ms"] < entry["hand_ms"])
 
 
 def test_default_reads_no_database(model, tuning_dir):
@@ -96,28 +139,19 @@ def test_negative_trials_rejected(model):
 
 
 @pytest.mark.slow
-def test_tune_functions_one_trial(tmp_path):
-    """Real MetaSchedule tuning (build + run in worker processes) of one small function: ~1-4 min under load."""
-    a = tvm.te.placeholder((16, 32), name="a")
-    b = tvm.te.compute((16, 32), lambda i, j: tvm.te.exp(a[i, j]) * 2.0, name="b")
-    func = tvm.te.create_prim_func([a, b])
-    db = metaschedule.tune_functions({"exp2": func}, TARGET, tmp_path, trials=1)
-    tuned = metaschedule.lookup(db, func, TARGET)
-    assert tuned is not None
-    x = np.random.default_rng(0).standard_normal((16, 32), dtype=np.float32)
-    fn = tvm.compile(tvm.IRModule({"main": tuned.with_attr("global_symbol", "main")}), target=TARGET)["main"]
-    out = tvm.runtime.tensor(np.zeros_like(x))
-    fn(tvm.runtime.tensor(x), out)
-    np.testing.assert_allclose(out.numpy(), np.exp(x) * 2, rtol=1e-5)
-    assert metaschedule.tune_functions({"exp2": func}, TARGET, tmp_path, trials=1) is not None  # no second tuning
-
-
-@pytest.mark.slow
 def test_metaschedule_compiled_model_matches_pytorch(model, tmp_path):
-    """Every non-LUT function tuned (1 trial) and compiled from its record: same outputs."""
+    """Real MetaSchedule tuning (build + run in worker processes, 1 trial each; minutes under load):
+    every non-LUT function gets a record and a verdict against its hand schedule, the faster one
+    is compiled in, and the model equals PyTorch."""
     lut, x = model
     compiled = compile_model(lut, x, TARGET, ms_trials=1, tuning_dir=tmp_path)
-    assert sorted(compiled.ms_scheduled) == sorted(fused_functions(lut, x, TARGET))
+    funcs = fused_functions(lut, x, TARGET)
+    db_dir = metaschedule.database_dir(tmp_path, TARGET)
+    db = metaschedule.open_database(db_dir)
+    assert all(metaschedule.lookup(db, f, TARGET) is not None for f in funcs.values())
+    verdicts = json.loads((db_dir / metaschedule.VERDICTS_FILE).read_text()).values()
+    assert len(verdicts) == len(funcs)
+    assert len(compiled.ms_scheduled) == sum(v["metaschedule_ms"] < v["hand_ms"] for v in verdicts)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), lut(x), rtol=1e-5, atol=1e-5)
 

@@ -209,22 +209,25 @@ class MetaScheduleOptions:
 
 def _schedule_rest(options: MetaScheduleOptions | None, applied: list[str]) -> tvm.transform.Pass:
     """Schedule every TIR function that is not a (pre-scheduled) LUT kernel: the MetaSchedule
-    record where ``options`` is given and the database has one (names appended to ``applied``),
-    else :func:`schedules.schedule_generic`."""
+    record where ``options`` is given, the database has one and it beats the hand schedule
+    (:func:`.metaschedule.beats_hand`; names appended to ``applied``), else
+    :func:`schedules.schedule_generic`."""
 
     @tvm.transform.module_pass(opt_level=0, name="lutnn.ScheduleRest")
     def schedule_rest(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         target = Target.current()
         funcs = metaschedule.tunable(mod)
-        db = (metaschedule.tune_functions(funcs, target, metaschedule.database_dir(options.tuning_dir, target),
-                                          options.trials) if options else None)
+        work_dir = metaschedule.database_dir(options.tuning_dir, target) if options else None
+        db = metaschedule.tune_functions(funcs, target, work_dir, options.trials) if options else None
         out = tvm.IRModule(mod.functions, mod.type_definitions if hasattr(mod, "type_definitions") else None)
         for gv, func in mod.functions_items():
             if gv.name_hint in funcs:
+                hand = schedule_generic(func, target)
                 tuned = metaschedule.lookup(db, func, target) if db is not None else None
-                if tuned is not None:
+                if tuned is not None and metaschedule.beats_hand(work_dir, func, tuned, hand, target):
                     applied.append(gv.name_hint)
-                out[gv] = tuned if tuned is not None else schedule_generic(func, target)
+                    hand = tuned
+                out[gv] = hand
         return out
 
     return schedule_rest
@@ -340,9 +343,10 @@ def compile_model(model: nn.Module, example: Tensor, target: Target, db: TuningD
     (:func:`schedules.schedule_generic`) and reads no MetaSchedule database; 0 compiles every
     function the database under ``tuning_dir`` (default :func:`.tuning.default_tuning_dir`) has
     a record for with that record, tuning nothing (a deployment build never starts a search);
-    N > 0 first tunes, N trials each, the functions without a record. Functions without a
-    record keep the hand schedule. Records are applied only on request, so the default build
-    never depends on what a database holds.
+    N > 0 first tunes, N trials each, the functions without a record. A record is used only
+    where it runs faster than the hand schedule (timed once per record, the verdict cached next
+    to the database); the other functions keep the hand schedule. Records are applied only on
+    request, so the default build never depends on what a database holds.
     """
     if ms_trials is not None and ms_trials < 0:
         raise ValueError(f"ms_trials must be None or >= 0, got {ms_trials}")
