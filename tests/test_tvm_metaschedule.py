@@ -140,15 +140,18 @@ def test_negative_trials_rejected(model):
 
 @pytest.mark.slow
 def test_metaschedule_compiled_model_matches_pytorch(model, tmp_path):
-    """Real MetaSchedule tuning (build + run in worker processes, 1 trial each; minutes under load):
-    every non-LUT function gets a record and a verdict against its hand schedule, the faster one
-    is compiled in, and the model equals PyTorch."""
+    """Real MetaSchedule tuning (build + run in worker processes, 1 trial; a minute or more) of the
+    one function without a record: it gets one, every function gets a verdict against its hand
+    schedule, the faster one is compiled in, and the model equals PyTorch."""
     lut, x = model
-    compiled = compile_model(lut, x, TARGET, ms_trials=1, tuning_dir=tmp_path)
     funcs = fused_functions(lut, x, TARGET)
+    first, *rest = sorted(funcs)
     db_dir = metaschedule.database_dir(tmp_path, TARGET)
-    db = metaschedule.open_database(db_dir)
-    assert all(metaschedule.lookup(db, f, TARGET) is not None for f in funcs.values())
+    seeded = metaschedule.open_database(db_dir)
+    for name in rest:  # only `first` is left to tune: MetaSchedule's per-task cost stays small
+        _record_schedule(seeded, funcs[name])
+    compiled = compile_model(lut, x, TARGET, ms_trials=1, tuning_dir=tmp_path)
+    assert metaschedule.lookup(metaschedule.open_database(db_dir), funcs[first], TARGET) is not None
     verdicts = json.loads((db_dir / metaschedule.VERDICTS_FILE).read_text()).values()
     assert len(verdicts) == len(funcs)
     assert len(compiled.ms_scheduled) == sum(v["metaschedule_ms"] < v["hand_ms"] for v in verdicts)
