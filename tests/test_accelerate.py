@@ -92,19 +92,24 @@ def test_deepcopy_of_an_accelerated_model_runs_its_own_tables():
         assert not torch.allclose(got, lut(x))
 
 
-def test_torch_compile_calls_the_custom_op():
-    lut = _lut_vit(int8=True)
-    x = torch.randn(3, 3, 16, 16)
-    with torch.no_grad():
-        ref = lut(x)
-    accelerate_(lut)
+def _compile_recording_graphs(model):
+    """``torch.compile(model, fullgraph=True)`` with a backend that keeps each traced graph."""
     graphs = []
 
     def backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    compiled = torch.compile(lut, backend=backend, fullgraph=True)
+    return torch.compile(model, backend=backend, fullgraph=True), graphs
+
+
+def test_torch_compile_calls_the_custom_op():
+    lut = _lut_vit(int8=True)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ref = lut(x)
+    accelerate_(lut)
+    compiled, graphs = _compile_recording_graphs(lut)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), ref, rtol=1e-4, atol=1e-4)
     op = torch.ops.lutnn.accelerated_lut
@@ -255,13 +260,7 @@ def test_torch_compile_of_a_cnn_with_folded_bn_and_pool_kernel():
         ref = lut(x)
     report = accelerate_(lut)
     assert report.accelerated == ["1", "2"] and report.folded == {"3": "2"}
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    compiled = torch.compile(lut, backend=backend, fullgraph=True)
+    compiled, graphs = _compile_recording_graphs(lut)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(lut(x), ref, rtol=1e-4, atol=1e-4)

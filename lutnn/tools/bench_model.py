@@ -243,6 +243,12 @@ def row_labels(ms_trials: int | None = None) -> dict[str, str]:
     return {row: f"{label}, {how}" if row in MS_ROWS else label for row, label in ROWS.items()}
 
 
+def _breakdown(title: str, heads: tuple[str, str], items) -> list[str]:
+    """A "where the time goes" table: ``(name, (count, ms per forward))`` per line."""
+    return [title, "", f"| {heads[0]} | {heads[1]} | ms per forward |", "|---|---:|---:|",
+            *(f"| {k} | {n} | {ms:.2f} |" for k, (n, ms) in items), ""]
+
+
 def to_markdown(cases: list[Case], header: str, ms_trials: int | None = None) -> str:
     labels = row_labels(ms_trials)
     lines = [header, ""]
@@ -263,18 +269,14 @@ def to_markdown(cases: list[Case], header: str, ms_trials: int | None = None) ->
         lines.append("")
         for row, kinds in c.lut_kinds.items():
             total = sum(ms for _, ms in kinds.values())
-            lines += [f"Where the time goes, {ROWS[row]}: LUT layers {total:.2f} ms of {c.ms[row]:.2f} ms "
-                      f"per forward (in the model, hooks around each layer)", "",
-                      "| LUT layer kind | layers | ms per forward |", "|---|---:|---:|"]
-            lines += [f"| {k} | {n} | {ms:.2f} |" for k, (n, ms) in kinds.items()]
-            lines.append("")
+            lines += _breakdown(f"Where the time goes, {ROWS[row]}: LUT layers {total:.2f} ms of {c.ms[row]:.2f} ms "
+                                f"per forward (in the model, hooks around each layer)",
+                                ("LUT layer kind", "layers"), kinds.items())
         for row, funcs in c.tvm_funcs.items():
             total = sum(ms for _, ms in funcs.values())
-            lines += [f"Where the time goes, {labels[row]}: {total:.2f} ms in compiled functions per forward "
-                      f"(VM instrument; the {TOP_FUNCS} slowest)", "",
-                      "| function | calls | ms per forward |", "|---|---:|---:|"]
-            lines += [f"| {k} | {n} | {ms:.2f} |" for k, (n, ms) in list(funcs.items())[:TOP_FUNCS]]
-            lines.append("")
+            lines += _breakdown(f"Where the time goes, {labels[row]}: {total:.2f} ms in compiled functions per "
+                                f"forward (VM instrument; the {TOP_FUNCS} slowest)",
+                                ("function", "calls"), list(funcs.items())[:TOP_FUNCS])
     lines.append("Speed-ups > 1 mean faster than the reference. \"non-LUT part alone\" is a diagnostic, "
                  "not a deployable row: the same LUT model with every LUT layer returning an empty tensor.")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from tvm import IRModule, tirx
 from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
+from ..io import write_text_atomic
 from .kernels import KERNEL_ATTR
 from .tuning import compile_kernel, kernel_clock, time_kernel
 
@@ -123,8 +124,5 @@ def beats_hand(work_dir: str | Path, func: tirx.PrimFunc, tuned: tirx.PrimFunc, 
         times = {name: time_kernel(compile_kernel(f, "main", target), args, min_ms=5.0, repeat=3, clock=clock)
                  for name, f in (("metaschedule_ms", tuned), ("hand_ms", hand))}
         verdicts[key] = {**times, "name": str(func.attrs.get("global_symbol", "")) if func.attrs else ""}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(verdicts, indent=1, sort_keys=True))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(verdicts, indent=1, sort_keys=True))
     return verdicts[key]["metaschedule_ms"] < verdicts[key]["hand_ms"]

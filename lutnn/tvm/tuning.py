@@ -31,6 +31,7 @@ import tvm
 from tvm import IRModule, tirx
 from tvm.target import Target
 
+from ..io import write_text_atomic
 from ..progress import progress
 from .kernels import EncodeSpec, KernelSpec, LookupSpec
 from .schedules import FAMILIES, Knobs, default_knobs, knob_space, scheduled
@@ -85,10 +86,7 @@ class TuningDatabase:
             "kernels": kernels, "trials": trials,
             "gather_knobs": asdict(min(gather, key=lambda r: r[1])[0]) if gather else None,
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.records, indent=1, sort_keys=True))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, json.dumps(self.records, indent=1, sort_keys=True))
 
 
 def random_inputs(spec: KernelSpec, seed: int = 0) -> list[np.ndarray]:
