@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import native
 from .functional import build_table, squared_distances, table_lookup
 
 # Elements of one [C, chunk, K] block: ~4 MiB of fp32, so a chunk's distances, soft
@@ -71,7 +72,10 @@ def nearest(x: Tensor, prototypes: Tensor) -> Tensor:
     table lookup's ``embedding_bag``, the saved byte codes) would otherwise copy the
     transposed view again.
     """
-    return squared_distances(x, prototypes).min(-1).indices.T.contiguous()
+    dist = squared_distances(x, prototypes)
+    if native.usable(dist):
+        return native.argmin_codes(dist)  # one pass; the same first-index-of-minimum codes
+    return dist.min(-1).indices.T.contiguous()
 
 
 def reconstruct(codes: Tensor, prototypes: Tensor) -> Tensor:
@@ -143,6 +147,7 @@ class _Grads:
 
     def __init__(self, prototypes: Tensor, weight: Tensor, needs: tuple[bool, ...], compiled: bool) -> None:
         self.compiled = compiled
+        self.native = not compiled and native.usable(prototypes, weight)
         self.need_x, need_p, self.need_w, self.need_b, need_tau = needs
         self.need_soft = self.need_x or need_p or need_tau
         c, k, _ = prototypes.shape
@@ -164,6 +169,12 @@ class _Grads:
         if not self.need_soft:
             return None
         dx_hat_t = weight.T @ grad_y_t  # [D, n]
+        if self.native:  # one pass per 16 rows, D-major so each feature's 16 rows load at once
+            dx_t = x_t.new_empty(x_t.shape) if self.need_x else None
+            self.dz_dot_z += native.soft_backward(
+                x_t.T, dx_hat_t.T, None if dx_t is None else dx_t.T, codes, prototypes, float(inv_tau),
+                self.dz_x, self.dz_sum, self.hard)
+            return dx_t
         _hard_proto_grad(codes, dx_hat_t, prototypes, self.hard)
         kernel = compiled_soft_backward() if self.compiled else soft_backward_chunk
         dx_t, dz_x, dz_sum, dz_dot_z = kernel(x_t, dx_hat_t, prototypes, inv_tau)
