@@ -5,7 +5,7 @@ import torch
 import lutnn.pipeline.train.loop as loop
 from lutnn import LUTConv2d, LUTLinear
 from lutnn.convert import lut_layers
-from lutnn.layers import fused
+from lutnn.layers import fused, native
 from lutnn.layers.functional import encode, squared_distances
 from lutnn.pipeline import Pipeline, load_config
 from pipeline_cfg import tiny_config, write_config
@@ -17,6 +17,16 @@ NAMES = ("x", "prototypes", "weight", "bias", "log_tau")
 def small_chunks(monkeypatch):
     """Seven rows (or one image) per chunk, so every test crosses several ragged chunks."""
     monkeypatch.setattr(fused, "chunk_rows", lambda num_codebooks, num_prototypes: 7)
+
+
+@pytest.fixture(params=["native", "eager"])
+def backend(request, monkeypatch):
+    """Both CPU paths of the fused STE: the native kernels and the eager fallback without them."""
+    if request.param == "eager":
+        monkeypatch.setitem(native._state, "lib", None)
+    else:
+        assert native.available(), "the native kernels did not build (is a C compiler installed?)"
+    return request.param
 
 
 def _init(layer, rows: torch.Tensor):
@@ -57,7 +67,7 @@ def _assert_parity(layer, x, autocast=False, impl="fused"):
 
 @pytest.mark.parametrize("k", [2, 16, 256])
 @pytest.mark.parametrize("v", [1, 2, 4, 8, 9, 16])
-def test_linear_gradients_match_reference(v, k, small_chunks):
+def test_linear_gradients_match_reference(v, k, small_chunks, backend):
     torch.manual_seed(0)
     x = torch.randn(2, 19, 144)  # D=144 is divisible by every V here; 38 rows
     layer = _init(LUTLinear(144, 10, subvec_len=v, num_prototypes=k), x.reshape(-1, 144))
@@ -72,7 +82,7 @@ def test_linear_gradients_match_reference(v, k, small_chunks):
     dict(kernel_size=(1, 3), stride=(2, 1), padding="same", subvec_len=1),
     dict(kernel_size=1, subvec_len=2),
 ])
-def test_conv_gradients_match_reference(kwargs, rows_per_chunk, monkeypatch):
+def test_conv_gradients_match_reference(kwargs, rows_per_chunk, monkeypatch, backend):
     monkeypatch.setattr(fused, "chunk_rows", lambda num_codebooks, num_prototypes: rows_per_chunk)
     torch.manual_seed(0)
     x = torch.randn(5, 4, 9, 8)
@@ -84,7 +94,7 @@ def test_conv_gradients_match_reference(kwargs, rows_per_chunk, monkeypatch):
     lambda: LUTLinear(32, 12, subvec_len=4),
     lambda: LUTConv2d(4, 6, 3, padding=1),
 ])
-def test_bf16_autocast_matches_reference(make, small_chunks):
+def test_bf16_autocast_matches_reference(make, small_chunks, backend):
     torch.manual_seed(0)
     layer = make()
     x = torch.randn(4, 4, 6, 6) if isinstance(layer, LUTConv2d) else torch.randn(40, 32)
@@ -92,13 +102,18 @@ def test_bf16_autocast_matches_reference(make, small_chunks):
     _assert_parity(_init(layer, rows), x, autocast=True)
 
 
-def test_codes_are_encode_argmin_with_ties(small_chunks):
-    """Chunked ``min().indices`` codes are ``encode``'s argmin to the index, ties (first index) included."""
+def test_codes_are_encode_argmin_with_ties(small_chunks, backend):
+    """The fused path's codes are ``encode``'s and the eager argmin's to the index, ties (first index)
+    included, in row-major and D-major layouts."""
     torch.manual_seed(0)
     x = torch.randint(-1, 2, (40, 12)).float()  # integer data: many exactly equal distances
     prototypes = torch.randint(-1, 2, (3, 16, 4)).float()
-    assert torch.equal(fused.codes_of(x, prototypes), encode(x, prototypes).long())
-    assert (squared_distances(x, prototypes) == squared_distances(x, prototypes).amin(-1, keepdim=True)).sum(-1).gt(1).any()
+    dist = squared_distances(x, prototypes)
+    assert (dist == dist.amin(-1, keepdim=True)).sum(-1).gt(1).any()
+    expected = dist.argmin(-1).T
+    assert torch.equal(encode(x, prototypes).long(), expected)
+    assert torch.equal(fused.codes_of(x, prototypes), expected)
+    assert torch.equal(fused.codes_of(x.T.contiguous().T, prototypes), expected)
 
 
 @pytest.mark.parametrize("v", [1, 4, 9])

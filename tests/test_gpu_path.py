@@ -6,6 +6,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lutnn
+from lutnn.layers import native
 
 aten = torch.ops.aten
 MATMUL_OPS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.matmul, aten.linear, aten.einsum,
@@ -26,6 +27,14 @@ class MatmulRecorder(TorchDispatchMode):
             ptrs = [a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)]
             self.calls.append((func.overloadpacket, ptrs))
         return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(autouse=True)
+def eager_encode(monkeypatch):
+    """Record the eager ops: what an exported graph and CUDA run. On CPU the native encoder
+    replaces the distance ``baddbmm`` with one call the dispatcher cannot see (it reads the
+    prototypes, never a weight)."""
+    monkeypatch.setitem(native._state, "lib", None)
 
 
 def _storage(t: torch.Tensor) -> int:

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
+
 
 def split_subvectors(x: Tensor, num_codebooks: int) -> Tensor:
     """``[N, D] -> [C, N, V]`` so every codebook is one batch of a batched matmul."""
@@ -29,8 +31,17 @@ def squared_distances(x: Tensor, prototypes: Tensor) -> Tensor:
 
 
 def encode(x: Tensor, prototypes: Tensor) -> Tensor:
-    """Index of the nearest prototype per sub-vector, ``[N, C]`` (uint8 when K <= 256)."""
-    codes = squared_distances(x, prototypes).argmin(-1).transpose(0, 1)
+    """Index of the nearest prototype per sub-vector, ``[N, C]`` (uint8 when K <= 256).
+
+    Every path that picks codes (inference, the reference and fused STE, the reconstruction
+    loss) calls this, so training and inference agree to the code. On CPU in fp32 it runs the
+    native one-pass kernel (:mod:`lutnn.layers.native`; the argmin of ``|p|² - 2 x·p``, whose
+    rounding differs from the eager distances' only at near-ties), else ``squared_distances``'s argmin.
+    """
+    if native.usable(x, prototypes):
+        codes = native.encode(x, prototypes)
+    else:
+        codes = squared_distances(x, prototypes).argmin(-1).transpose(0, 1)
     return codes.to(torch.uint8) if prototypes.shape[1] <= 256 else codes
 
 
@@ -39,14 +50,14 @@ def soft_assignment(dist: Tensor, log_tau: Tensor) -> Tensor:
     return torch.softmax(-dist / log_tau.exp(), dim=-1)
 
 
-def ste_assignment(dist: Tensor, log_tau: Tensor) -> Tensor:
-    """Hard one-hot argmin in the forward value, soft-argmin gradient in the backward.
+def ste_assignment(dist: Tensor, log_tau: Tensor, codes: Tensor) -> Tensor:
+    """Hard one-hot of ``codes [N, C]`` in the forward value, soft-argmin gradient in the backward.
 
     ``hard + soft - soft.detach()`` is exactly ``hard`` in floating point, so the
     training forward and the table lookup produce the same numbers.
     """
     soft = soft_assignment(dist, log_tau)
-    hard = F.one_hot(dist.argmin(-1), dist.shape[-1]).to(soft.dtype)
+    hard = F.one_hot(codes.long().T, dist.shape[-1]).to(soft.dtype)
     return hard + (soft - soft.detach())
 
 
@@ -64,7 +75,10 @@ def lut_matmul(
     fully soft path (differentiable everywhere, used by ``gradcheck``).
     """
     dist = squared_distances(x, prototypes)
-    assign = ste_assignment(dist, log_tau) if hard else soft_assignment(dist, log_tau)
+    if hard:
+        assign = ste_assignment(dist, log_tau, encode(x.detach(), prototypes.detach()))
+    else:
+        assign = soft_assignment(dist, log_tau)
     x_hat = torch.bmm(assign, prototypes).transpose(0, 1).reshape(x.shape)  # [N, D]
     return F.linear(x_hat, weight, bias)
 

@@ -6,11 +6,12 @@ soft.detach()``, a ``[C, N, K] x [C, K, V]`` ``bmm`` and a linear layer; autogra
 keeps several ``[C, N, K]`` tensors alive and replays a dozen small kernels backwards.
 
 Here the same function is one :class:`torch.autograd.Function` with a hand-derived
-backward. Forward: distances are computed in row chunks only to take their ``argmin``, and
-``y = Σ_c T[c, code_c] + b`` is the table lookup of ``lut`` mode (``T = P Wᵀ`` per codebook,
+backward. Forward: the codes are ``encode``'s (the native one-pass encoder on CPU, else
+distances in row chunks), and ``y = Σ_c T[c, code_c] + b`` is the table lookup of ``lut`` mode (``T = P Wᵀ`` per codebook,
 built each step from the current parameters), so the training forward is bit for bit the
 inference forward and within fp32 rounding of the reference's ``x̂ Wᵀ``. What is saved for
-backward is the input, the parameters and the ``[N, C]`` codes (one byte each). Backward,
+backward is the input (``LUTLinear``: its D-major copy ``xᵀ``, which both the native encoder and
+the backward read), the parameters and the ``[N, C]`` codes (one byte each). Backward,
 with ``g = dL/dy``, ``x̂`` the hard reconstruction, ``s = softmax(z)``, ``z = -dist / τ``:
 
 * ``dW = gᵀ x̂``, ``db = Σ_n g``, ``dx̂ = g W`` (two GEMMs, as in a dense layer);
@@ -18,7 +19,9 @@ with ``g = dL/dy``, ``x̂`` the hard reconstruction, ``s = softmax(z)``, ``z = -
 * ``d dist = -dz / τ``; since ``Σ_k dz = 0``, ``dx = (2/τ) dz P``;
   ``dP = Σ_n onehot(code)ᵀ dx̂ + (2/τ) (dzᵀ x - P ⊙ Σ_n dz)``; ``d log τ = -Σ dz ⊙ z``.
 
-Distances and ``s`` are recomputed chunk by chunk, so each ``[C, K, chunk]`` block lives
+On CPU in fp32 the soft-assignment part runs in :mod:`lutnn.layers.native`'s kernel, one
+pass per 16 rows with everything in registers; the eager form below is its fallback (and the
+CUDA path). Distances and ``s`` are recomputed chunk by chunk, so each ``[C, K, chunk]`` block lives
 only while its chunk is processed. The backward works D-major (``xᵀ``, ``dx̂ᵀ``: ``[D, n]``)
 and K-major (``[C, K, n]``), so a conv's im2col patches and output gradient feed it as
 ``F.unfold`` and the NCHW gradient lay them out, without transpose copies. :func:`ste_conv2d` applies the same per-chunk math to
@@ -52,30 +55,19 @@ def _spans(n: int, step: int) -> Iterator[slice]:
 
 
 def codes_of(x: Tensor, prototypes: Tensor) -> Tensor:
-    """Nearest prototype per sub-vector, ``[N, C]`` int64, computed in row chunks.
+    """``encode``'s codes ``[N, C]`` int64 of rows ``x [N, D]`` (any strides; D-major is fastest).
 
-    Each chunk runs :func:`squared_distances` exactly like the reference path, so the
-    codes (and hence the forward value) are the reference's.
+    Native: one pass. Eager: ``squared_distances`` in row chunks, so no ``[C, N, K]`` block
+    outlives its chunk; ``min(-1).indices`` is ``argmin``'s (first) index, ~20 % faster over an
+    inner dimension of K on CPU.
     """
+    if native.usable(x, prototypes):
+        return native.encode(x, prototypes)
     c, k, _ = prototypes.shape
     codes = torch.empty(x.shape[0], c, dtype=torch.long, device=x.device)
     for rows in _spans(x.shape[0], chunk_rows(c, k)):
-        codes[rows] = nearest(x[rows], prototypes)
+        codes[rows] = squared_distances(x[rows], prototypes).min(-1).indices.T
     return codes
-
-
-def nearest(x: Tensor, prototypes: Tensor) -> Tensor:
-    """Codes ``[N, C]`` of a few rows: ``encode``'s argmin over ``squared_distances``.
-
-    ``min(-1).indices`` returns the same (first) index as ``argmin`` and runs ~20 % faster
-    over an inner dimension of K on CPU. Made contiguous once here: every consumer (the
-    table lookup's ``embedding_bag``, the saved byte codes) would otherwise copy the
-    transposed view again.
-    """
-    dist = squared_distances(x, prototypes)
-    if native.usable(dist):
-        return native.argmin_codes(dist)  # one pass; the same first-index-of-minimum codes
-    return dist.min(-1).indices.T.contiguous()
 
 
 def reconstruct(codes: Tensor, prototypes: Tensor) -> Tensor:
@@ -217,23 +209,25 @@ class STEMatmul(torch.autograd.Function):
     def forward(ctx, x: Tensor, prototypes: Tensor, weight: Tensor, bias: Tensor | None, log_tau: Tensor,
                 compiled: bool = False) -> Tensor:
         ctx.compiled = compiled
-        codes = codes_of(x, prototypes)
+        # D-major once: the native encoder loads 16 rows per feature from it, and the backward
+        # takes it as is (saved instead of x, so it is made once per step)
+        x_t = x.T.contiguous()
+        codes = codes_of(x_t.T, prototypes)
         y = table_lookup(codes, build_table(prototypes, weight))
         if bias is not None:
             y += bias  # in place: one [N, M] output at the peak, not two
-        ctx.save_for_backward(x, prototypes, weight, log_tau, codes.to(_code_dtype(prototypes.shape[1])))
+        ctx.save_for_backward(x_t, prototypes, weight, log_tau, codes.to(_code_dtype(prototypes.shape[1])))
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor):
-        x, prototypes, weight, log_tau, codes = ctx.saved_tensors
+        x_t, prototypes, weight, log_tau, codes = ctx.saved_tensors
         grad_y = grad_y.contiguous()
         inv_tau = torch.exp(-log_tau)
         acc = _Grads(prototypes, weight, ctx.needs_input_grad[:5], ctx.compiled)
-        dx = torch.empty_like(x) if acc.need_x else None
-        x_t = x.T.contiguous()  # one copy, so every chunk's [D, n] has its rows contiguous
-        for rows in _spans(x.shape[0], chunk_rows(*prototypes.shape[:2])):
+        dx = x_t.new_empty(x_t.shape[::-1]) if acc.need_x else None
+        for rows in _spans(x_t.shape[1], chunk_rows(*prototypes.shape[:2])):
             dx_t = acc.rows(x_t[:, rows], grad_y[rows].T, codes[rows], prototypes, weight, inv_tau)
             if dx is not None:
                 dx[rows] = dx_t.T
@@ -267,8 +261,8 @@ class STEConv2d(torch.autograd.Function):
         y = x.new_empty(b, m, length)
         table = build_table(prototypes, w2d)
         for imgs in _image_groups(b, length, prototypes):
-            rows = _patches(x[imgs], kernel, dilation, padding, stride)
-            chunk_codes = nearest(rows, prototypes)
+            cols = F.unfold(x[imgs], kernel, dilation, padding, stride)  # [g, D, L]
+            chunk_codes = codes_of(_d_major(cols).T, prototypes)
             codes[_rows_of(imgs, length)] = chunk_codes.to(codes.dtype)
             y_rows = table_lookup(chunk_codes, table).view(-1, length, m).transpose(1, 2)  # [g, M, L]
             if bias is None:
@@ -314,12 +308,6 @@ def _rows_of(imgs: slice, length: int) -> slice:
 def _d_major(cols: Tensor) -> Tensor:
     """``[g, D, L] -> [D, g * L]`` (a view for one image per group, as im2col gives it)."""
     return cols[0] if cols.shape[0] == 1 else cols.transpose(0, 1).reshape(cols.shape[1], -1)
-
-
-def _patches(x: Tensor, kernel, dilation, padding, stride) -> Tensor:
-    """im2col rows ``[g * L, D]`` of a group of images (the layout of ``LUTConv2d.rows``)."""
-    cols = F.unfold(x, kernel, dilation, padding, stride)  # [g, D, L]
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 def ste_conv2d(x: Tensor, prototypes: Tensor, weight: Tensor, bias: Tensor | None, log_tau: Tensor,

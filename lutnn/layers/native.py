@@ -1,7 +1,7 @@
 """Native CPU kernels of the fused straight-through estimator, built on first use.
 
-``csrc/ste_cpu.c`` holds two loops that eager PyTorch runs as many small passes: the argmin over
-K of the forward, and the soft-argmin backward (distances, softmax, its gradient and every
+``csrc/ste_cpu.c`` holds two loops that eager PyTorch runs as many small passes: the encoding
+(distances and argmin over K) of the forward, and the soft-argmin backward (distances, softmax, its gradient and every
 accumulation) in one pass per row. They are compiled with the system C compiler (``$CC``, else
 ``cc``) for the machine at hand (``-march=native``), cached under ``$LUTNN_NATIVE_CACHE`` (default
 ``~/.cache/lutnn/native``) by a hash of the source, the compiler and the CPU's feature flags, and
@@ -108,11 +108,11 @@ def _load() -> ctypes.CDLL | None:
                           f"eager path", RuntimeWarning, stacklevel=3)
             return None
     lib = ctypes.CDLL(str(target))
-    lib.lutnn_argmin.argtypes = [_p, _i, _i, _i, _p]
-    lib.lutnn_argmin.restype = None
+    lib.lutnn_encode.argtypes = [_p, _i, _i, _i, _p, _i, _i, _i, _p]
+    lib.lutnn_encode.restype = ctypes.c_int
     lib.lutnn_soft_backward.argtypes = [_p, _i, _i, _p, _i, _i, _p, _i, _i, _p, _i, _i, _p, ctypes.c_float,
-                                        _i, _i, _i, _p, _p, _p]
-    lib.lutnn_soft_backward.restype = ctypes.c_double
+                                        _i, _i, _i, _p, _p, _p, ctypes.POINTER(ctypes.c_double)]
+    lib.lutnn_soft_backward.restype = ctypes.c_int
     return lib
 
 
@@ -131,30 +131,23 @@ def _threads(rows: int, min_rows: int = 256) -> int:
     return max(1, min(torch.get_num_threads(), rows // min_rows))
 
 
-def argmin_codes(dist: Tensor) -> Tensor:
-    """``dist.min(-1).indices.T.contiguous()`` for ``[C, N, K]`` distances: codes ``[N, C]`` int64,
-    first index of the minimum, NaN counted as the minimum (as ``torch.min``)."""
-    dist = dist.contiguous()
-    c, n, k = dist.shape
+def encode(x: Tensor, prototypes: Tensor) -> Tensor:
+    """Codes ``[n, C]`` int64 of ``x`` (``[n, D]`` at any strides; D-major ``[D, n]`` blocks viewed
+    as ``.T`` load fastest): the argmin over K of ``|p|² - 2 x·p`` (see ``csrc/ste_cpu.c``)."""
+    c, k, v = prototypes.shape
+    n = x.shape[0]
+    prototypes = prototypes.contiguous()
     codes = torch.empty(n, c, dtype=torch.long)
     lib = _state["lib"]
-    if n == 0:
-        return codes
-    # Rows split across threads need a [C, rows, K] sub-block each: contiguous only for C == 1, so
-    # one call per codebook range instead (codebooks are independent too).
-    parts = _spans(c, _threads(n * c, 4096)) if c > 1 else [(0, 1)]
-    row_bytes = k * dist.element_size()
 
     def run(span: tuple[int, int]) -> None:
-        c0, c1 = span
-        if c0 == 0 and c1 == c:
-            lib.lutnn_argmin(dist.data_ptr(), c, n, k, codes.data_ptr())
-            return
-        block = torch.empty(n, c1 - c0, dtype=torch.long)
-        lib.lutnn_argmin(dist.data_ptr() + c0 * n * row_bytes, c1 - c0, n, k, block.data_ptr())
-        codes[:, c0:c1] = block
+        a, b = span
+        if lib.lutnn_encode(x[a:b].data_ptr(), x.stride(0), x.stride(1), b - a, prototypes.data_ptr(),
+                            c, k, v, codes[a:b].data_ptr()):
+            raise MemoryError("lutnn native encode: scratch allocation failed")
 
-    _map(run, parts)
+    if n:
+        _map(run, _spans(n, _threads(n)))
     return codes
 
 
@@ -178,13 +171,14 @@ def soft_backward(x: Tensor, g: Tensor, dx: Tensor | None, codes: Tensor, protot
     def run(span: tuple[int, int], acc: tuple[Tensor, Tensor, Tensor]) -> float:
         a, b = span
         dx_ptr, dr, df = (0, 0, 0) if dx is None else (dx[a:b].data_ptr(), dx.stride(0), dx.stride(1))
-        out = lib.lutnn_soft_backward(
-            x[a:b].data_ptr(), x.stride(0), x.stride(1), g[a:b].data_ptr(), g.stride(0), g.stride(1),
-            dx_ptr or None, dr, df, codes[a:b].data_ptr(), codes.element_size(), b - a,
-            prototypes.data_ptr(), inv_tau, c, k, v, acc[0].data_ptr(), acc[1].data_ptr(), acc[2].data_ptr())
-        if out != out:
+        dzz = ctypes.c_double(0.0)
+        if lib.lutnn_soft_backward(
+                x[a:b].data_ptr(), x.stride(0), x.stride(1), g[a:b].data_ptr(), g.stride(0), g.stride(1),
+                dx_ptr or None, dr, df, codes[a:b].data_ptr(), codes.element_size(), b - a,
+                prototypes.data_ptr(), inv_tau, c, k, v, acc[0].data_ptr(), acc[1].data_ptr(), acc[2].data_ptr(),
+                ctypes.byref(dzz)):
             raise MemoryError("lutnn native soft_backward: scratch allocation failed")
-        return out
+        return dzz.value
 
     if len(spans) == 1:
         return run(spans[0], (dz_x, dz_sum, hard))

@@ -2,7 +2,7 @@
  *
  * Eager PyTorch runs the STE backward as a dozen passes over [C, K, n] blocks (batched matmuls
  * with inner dimensions of 4-16, softmax, sums, scatter_add), each streaming the block through
- * memory, and its forward argmin as a reduction over rows of 16. Here one pass per codebook and
+ * memory, and its forward encoding as distances, then an argmin over rows of 16. Here one pass per codebook and
  * block of 16 rows keeps the K distances, the softmax and its gradient in registers. Vectors run
  * along rows (GCC vector extensions: one AVX-512 register, two AVX2 or four SSE ones), so any K
  * and V vectorise and no reduction over K is horizontal. No -ffast-math: the argmin must treat
@@ -17,28 +17,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* codes[n, c] = first index of the minimum of dist[c, n, :] (NaN counts as the minimum, first NaN
- * wins): torch.min(dim=-1).indices / argmin. dist is [C, N, K] with K contiguous. */
-void lutnn_argmin(const float *dist, int64_t c_count, int64_t n_count, int64_t k_count,
-                  int64_t *codes) {
-    for (int64_t c = 0; c < c_count; ++c) {
-        const float *block = dist + c * n_count * k_count;
-        for (int64_t n = 0; n < n_count; ++n) {
-            const float *d = block + n * k_count;
-            float best = d[0];
-            int64_t arg = 0;
-            if (best == best) {
-                for (int64_t k = 1; k < k_count; ++k) {
-                    const float v = d[k];
-                    if (v != v) { arg = k; break; }
-                    if (v < best) { best = v; arg = k; }
-                }
-            }
-            codes[n * c_count + c] = arg;
-        }
-    }
-}
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
@@ -94,16 +72,63 @@ static inline void store_rows(float *p, int64_t stride, int64_t count, v16 value
     }
 }
 
+/* codes[n, c] = argmin_k |p_k|^2 - 2 x_n.p_k (the squared distance less |x|^2, which changes no
+ * argmin) for n_rows rows of x at (row, feature) strides; prototypes [C, K, V]; codes [n_rows, C]
+ * int64. First index on ties; a NaN score wins over numbers and the first NaN stays (torch.argmin's
+ * rule), so a diverged row gets the code torch would give it. Returns -1 if out of memory. */
+int lutnn_encode(const float *x, int64_t xr, int64_t xf, int64_t n_rows, const float *prototypes,
+                 int64_t C, int64_t K, int64_t V, int64_t *codes) {
+    v16 *xv = (v16 *)aligned_alloc(64, sizeof(v16) * V);
+    float *pm2 = (float *)malloc(sizeof(float) * (V * K + K));
+    if (!xv || !pm2) {
+        free(xv);
+        free(pm2);
+        return -1;
+    }
+    float *psq = pm2 + V * K;
+    for (int64_t c = 0; c < C; ++c) {
+        const float *pc = prototypes + c * K * V;
+        for (int64_t k = 0; k < K; ++k) {
+            float sq = 0.0f;
+            for (int64_t v = 0; v < V; ++v) {
+                pm2[v * K + k] = -2.0f * pc[k * V + v];
+                sq += pc[k * V + v] * pc[k * V + v];
+            }
+            psq[k] = sq;
+        }
+        for (int64_t n0 = 0; n0 < n_rows; n0 += LANES) {
+            const int64_t count = n_rows - n0 < LANES ? n_rows - n0 : LANES;
+            for (int64_t v = 0; v < V; ++v) xv[v] = load_rows(x + n0 * xr + (c * V + v) * xf, xr, count);
+            v16 best = splat(INFINITY);
+            v16i arg = {0}, seen_nan = {0};
+            for (int64_t k = 0; k < K; ++k) {
+                v16 score = splat(psq[k]);
+                for (int64_t v = 0; v < V; ++v) score += xv[v] * pm2[v * K + k];
+                const v16i is_nan = score != score;
+                const v16i take = ((score < best) | is_nan) & ~seen_nan;
+                best = vsel(take, score, best);
+                arg = (take & (int32_t)k) | (~take & arg);
+                seen_nan |= is_nan;
+            }
+            for (int64_t i = 0; i < count; ++i) codes[(n0 + i) * C + c] = arg[i];
+        }
+    }
+    free(xv);
+    free(pm2);
+    return 0;
+}
+
 /* The soft-argmin part of the fused STE backward for n_rows rows (see fused.py's docstring):
  * x, g = dL/dx_hat and dx (may be NULL) are [n_rows, D] at (row, feature) strides; codes [n_rows, C]
  * contiguous, 1 or 8 bytes each; prototypes [C, K, V]. With z = (2 x.p - |p|^2)/tau,
  * s = softmax(z), G = P g and dz = s (G - sum_k s G): writes dx = (2/tau) dz P, adds dz^T x to
- * dzx [C, K, V], sum_n dz to dzsum [C, K], sum_n onehot(code)^T g to hard [C, K, V]; returns
- * sum dz*z. Returns NaN if its scratch memory cannot be allocated. */
-double lutnn_soft_backward(const float *x, int64_t xr, int64_t xf, const float *g, int64_t gr, int64_t gf,
+ * dzx [C, K, V], sum_n dz to dzsum [C, K], sum_n onehot(code)^T g to hard [C, K, V] and
+ * sum dz*z to *dzz_out. Returns -1 if its scratch memory cannot be allocated, else 0. */
+int lutnn_soft_backward(const float *x, int64_t xr, int64_t xf, const float *g, int64_t gr, int64_t gf,
                            float *dx, int64_t dr, int64_t df, const void *codes, int64_t code_bytes,
                            int64_t n_rows, const float *prototypes, float inv_tau,
-                           int64_t C, int64_t K, int64_t V, float *dzx, float *dzsum, float *hard) {
+                           int64_t C, int64_t K, int64_t V, float *dzx, float *dzsum, float *hard,
+                           double *dzz_out) {
     /* per block: xv, gv [V]; z, s, gs [K]; accumulators dzx [K * V], dzsum [K], dzz */
     const int64_t vectors = 2 * V + 3 * K + K * V + K + 1;
     v16 *buf = (v16 *)aligned_alloc(64, sizeof(v16) * vectors);
@@ -111,7 +136,7 @@ double lutnn_soft_backward(const float *x, int64_t xr, int64_t xf, const float *
     if (!buf || !pt) {
         free(buf);
         free(pt);
-        return NAN;
+        return -1;
     }
     v16 *xv = buf, *gv = xv + V, *z = gv + V, *s = z + K, *gs = s + K, *acc = gs + K, *acc_sum = acc + K * V,
         *acc_dzz = acc_sum + K;
@@ -188,5 +213,6 @@ double lutnn_soft_backward(const float *x, int64_t xr, int64_t xf, const float *
     }
     free(buf);
     free(pt);
-    return dzz;
+    *dzz_out += dzz;
+    return 0;
 }

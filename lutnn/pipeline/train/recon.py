@@ -25,7 +25,7 @@ def reconstruction_error(layer: LUTBase, rows: Tensor) -> Tensor:
     rows = rows.float()
     protos = layer.prototypes
     xs = LF.split_subvectors(rows, layer.num_codebooks)  # [C, N, V]
-    codes = LF.squared_distances(rows, protos).argmin(-1)  # [C, N]
+    codes = LF.encode(rows.detach(), protos.detach()).long().T  # [C, N]: the codes the layer uses
     chosen = protos.gather(1, codes.unsqueeze(-1).expand(-1, -1, protos.shape[2]))  # [C, N, V]
     return (xs - chosen).pow(2).sum() / xs.detach().pow(2).sum().clamp_min(1e-12)
 
