@@ -11,6 +11,16 @@ if [ ! -f "$FMNIST/t10k-labels-idx1-ubyte.gz" ]; then
   fi
   [ -f "$FMNIST/t10k-labels-idx1-ubyte.gz" ] || echo "setup: Fashion-MNIST not found in $FMNIST: run 'apt-get install dataset-fashion-mnist' as root (Debian/Ubuntu), or put {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz in a folder and pass --set data.root=FOLDER"
 fi
+# The fused STE's native CPU kernels (lutnn/layers/native.py) build on first use with the C compiler;
+# without one, training falls back to a slower eager path.
+if ! command -v "${CC:-cc}" >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc >/dev/null) \
+      || echo "setup: apt-get could not install gcc; LUT training will use its slower eager path"
+  else
+    echo "setup: no C compiler (${CC:-cc}); install gcc for the fast LUT training kernels"
+  fi
+fi
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
@@ -25,4 +35,5 @@ pip_install -r requirements.txt
 # InformationOnly warning, which setuptools documents as filterable through PYTHONWARNINGS; this
 # filter matches that one message only, so every other warning and error still shows.
 PYTHONWARNINGS="ignore:Editable installation" pip_install --no-deps -e .
-.venv/bin/python -c "import lutnn, torch; print('lutnn', lutnn.__version__, '| torch', torch.__version__)"
+.venv/bin/python -c "import lutnn, torch; from lutnn.layers import native
+print('lutnn', lutnn.__version__, '| torch', torch.__version__, '| native CPU kernels', 'built' if native.available() else 'unavailable (eager fallback)')"
