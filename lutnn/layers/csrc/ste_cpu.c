@@ -101,14 +101,21 @@ int lutnn_encode(const float *x, int64_t xr, int64_t xf, int64_t n_rows, const f
             for (int64_t v = 0; v < V; ++v) xv[v] = load_rows(x + n0 * xr + (c * V + v) * xf, xr, count);
             v16 best = splat(INFINITY);
             v16i arg = {0}, seen_nan = {0};
-            for (int64_t k = 0; k < K; ++k) {
-                v16 score = splat(psq[k]);
-                for (int64_t v = 0; v < V; ++v) score += xv[v] * pm2[v * K + k];
-                const v16i is_nan = score != score;
-                const v16i take = ((score < best) | is_nan) & ~seen_nan;
-                best = vsel(take, score, best);
-                arg = (take & (int32_t)k) | (~take & arg);
-                seen_nan |= is_nan;
+            v16 score[4];
+            for (int64_t k0 = 0; k0 < K; k0 += 4) {
+                const int64_t width = K - k0 < 4 ? K - k0 : 4; /* four independent FMA chains */
+                for (int64_t j = 0; j < width; ++j) score[j] = splat(psq[k0 + j]);
+                for (int64_t v = 0; v < V; ++v) {
+                    const float *r = pm2 + v * K + k0;
+                    for (int64_t j = 0; j < width; ++j) score[j] += xv[v] * r[j];
+                }
+                for (int64_t j = 0; j < width; ++j) { /* in k order: first index wins ties */
+                    const v16i is_nan = score[j] != score[j];
+                    const v16i take = ((score[j] < best) | is_nan) & ~seen_nan;
+                    best = vsel(take, score[j], best);
+                    arg = (take & (int32_t)(k0 + j)) | (~take & arg);
+                    seen_nan |= is_nan;
+                }
             }
             for (int64_t i = 0; i < count; ++i) codes[(n0 + i) * C + c] = arg[i];
         }
@@ -162,8 +169,24 @@ int lutnn_soft_backward(const float *x, int64_t xr, int64_t xf, const float *g, 
                 xv[v] = load_rows(x + n0 * xr + (c * V + v) * xf, xr, count);
                 gv[v] = load_rows(g + n0 * gr + (c * V + v) * gf, gr, count);
             }
+            /* z = bias + x P2 and G = g P, four prototypes at a time: eight independent FMA
+             * chains hide the FMA latency that one chain per prototype would serialise on */
             v16 mx = splat(-INFINITY);
-            for (int64_t k = 0; k < K; ++k) {
+            int64_t k = 0;
+            for (; k + 4 <= K; k += 4) {
+                v16 z0 = splat(bias[k]), z1 = splat(bias[k + 1]), z2 = splat(bias[k + 2]), z3 = splat(bias[k + 3]);
+                v16 g0 = {0}, g1 = {0}, g2 = {0}, g3 = {0};
+                for (int64_t v = 0; v < V; ++v) {
+                    const float *r2 = p2 + v * K + k, *r1 = pt + v * K + k;
+                    const v16 a = xv[v], b = gv[v];
+                    z0 += a * r2[0], z1 += a * r2[1], z2 += a * r2[2], z3 += a * r2[3];
+                    g0 += b * r1[0], g1 += b * r1[1], g2 += b * r1[2], g3 += b * r1[3];
+                }
+                z[k] = z0, z[k + 1] = z1, z[k + 2] = z2, z[k + 3] = z3;
+                gs[k] = g0, gs[k + 1] = g1, gs[k + 2] = g2, gs[k + 3] = g3;
+                mx = vmax(mx, vmax(vmax(z0, z1), vmax(z2, z3)));
+            }
+            for (; k < K; ++k) {
                 v16 zk = splat(bias[k]), gk = {0};
                 for (int64_t v = 0; v < V; ++v) {
                     zk += xv[v] * p2[v * K + k];
@@ -192,10 +215,24 @@ int lutnn_soft_backward(const float *x, int64_t xr, int64_t xf, const float *g, 
                 *acc_dzz += dz * z[k];
                 for (int64_t v = 0; v < V; ++v) acc[k * V + v] += dz * xv[v];
             }
-            if (dx) {
-                for (int64_t v = 0; v < V; ++v) {
+            if (dx) { /* dx = dz P2^T, four features at a time (independent chains, as above) */
+                int64_t v = 0;
+                for (; v + 4 <= V; v += 4) {
+                    v16 d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0};
+                    const float *r = p2 + v * K;
+                    for (int64_t j = 0; j < K; ++j) {
+                        const v16 e = gs[j];
+                        d0 += e * r[j], d1 += e * r[K + j], d2 += e * r[2 * K + j], d3 += e * r[3 * K + j];
+                    }
+                    float *out = dx + n0 * dr + (c * V + v) * df;
+                    store_rows(out, dr, count, d0);
+                    store_rows(out + df, dr, count, d1);
+                    store_rows(out + 2 * df, dr, count, d2);
+                    store_rows(out + 3 * df, dr, count, d3);
+                }
+                for (; v < V; ++v) {
                     v16 d = {0};
-                    for (int64_t k = 0; k < K; ++k) d += gs[k] * p2[v * K + k];
+                    for (int64_t j = 0; j < K; ++j) d += gs[j] * p2[v * K + j];
                     store_rows(dx + n0 * dr + (c * V + v) * df, dr, count, d);
                 }
             }
