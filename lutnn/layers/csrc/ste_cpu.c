@@ -98,7 +98,10 @@ int lutnn_encode(const float *x, int64_t xr, int64_t xf, int64_t n_rows, const f
         }
         for (int64_t n0 = 0; n0 < n_rows; n0 += LANES) {
             const int64_t count = n_rows - n0 < LANES ? n_rows - n0 : LANES;
-            for (int64_t v = 0; v < V; ++v) xv[v] = load_rows(x + n0 * xr + (c * V + v) * xf, xr, count);
+            for (int64_t v = 0; v < V; ++v) {
+                xv[v] = load_rows(x + n0 * xr + (c * V + v) * xf, xr, count);
+                if (xr == 1) __builtin_prefetch(x + (n0 + 4 * LANES) + (c * V + v) * xf); /* V streams */
+            }
             v16 best = splat(INFINITY);
             v16i arg = {0}, seen_nan = {0};
             v16 score[4];
@@ -168,6 +171,10 @@ int lutnn_soft_backward(const float *x, int64_t xr, int64_t xf, const float *g, 
             for (int64_t v = 0; v < V; ++v) {
                 xv[v] = load_rows(x + n0 * xr + (c * V + v) * xf, xr, count);
                 gv[v] = load_rows(g + n0 * gr + (c * V + v) * gf, gr, count);
+                if (xr == 1 && gr == 1) { /* 2 * V streams: more than the hardware prefetcher follows */
+                    __builtin_prefetch(x + (n0 + 4 * LANES) + (c * V + v) * xf);
+                    __builtin_prefetch(g + (n0 + 4 * LANES) + (c * V + v) * gf);
+                }
             }
             /* z = bias + x P2 and G = g P, four prototypes at a time: eight independent FMA
              * chains hide the FMA latency that one chain per prototype would serialise on */
