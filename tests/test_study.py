@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from lutnn.pipeline.config import ConfigError
-from lutnn.tools.study import METHODS, load_study, main
+from lutnn.tools.study import METHODS, job_groups, load_study, main
 from pipeline_cfg import tiny_config
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -93,8 +93,11 @@ def test_study_smoke_on_digits(tmp_path, capsys):
     assert {r["model"] for r in json.loads((out / "study.json").read_text())["rows"]} == {"cnn"}
     assert not (out / "vit").exists()
     cnn_rows = (out / "cnn" / "rows.json").read_text()
-    assert main(["--config", str(path)]) == 0  # the rest, with cnn's kept rows in the full table
+    # the rest in two processes (cnn | vit with vit_v8, which shares vit's teacher), cnn's rows kept
+    assert main(["--config", str(path), "--jobs", "2"]) == 0
     assert (out / "cnn" / "rows.json").read_text() == cnn_rows
+    assert "[study] started vit vit_v8" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["study_cnn.log", "study_vit_vit_v8.log"]
     rows = json.loads((out / "study.json").read_text())["rows"]
     expected = [(m, k) for m in ("cnn", "vit") for k in METHODS] + [("vit_v8", k) for k in ("dense", "kmeans", "lutnn")]
     assert [(r["model"], r["method"]) for r in rows] == expected
@@ -110,6 +113,18 @@ def test_study_smoke_on_digits(tmp_path, capsys):
     mtime = (out / "cnn" / "rows.json").stat().st_mtime
     assert main(["--config", str(path)]) == 0
     assert (out / "cnn" / "rows.json").stat().st_mtime == mtime
+
+
+def test_job_groups_keep_shared_teachers_together():
+    _, models = load_study(ROOT / "configs" / "study_fashion.yaml")
+    assert job_groups(models, 2) == [["deit_v4", "deit_v8"], ["resnet9"]]
+    assert job_groups(models, 8) == [["deit_v4", "deit_v8"], ["resnet9"]]  # no more lanes than groups
+    assert job_groups(models, 1) == [["deit_v4", "deit_v8", "resnet9"]]
+
+
+def test_study_jobs_must_be_positive(tmp_path, capsys):
+    assert main(["--config", str(_write(tmp_path, _study(tmp_path))), "--jobs", "0"]) == 2
+    assert "--jobs: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_maddness_conv2d_is_maddness_over_im2col_rows():

@@ -1,6 +1,7 @@
 """``lutnn study``: every LUT method side by side, per model, on one dataset's test split.
 
     lutnn study --config configs/study_fashion.yaml [--set base.data.train_limit=2000 ...] [--models resnet9]
+    lutnn study --config configs/study_fashion.yaml --jobs 2     # models in two processes, then the table
 
 For each entry of ``models`` (a run config merged over ``base``) it runs, in order:
 
@@ -22,6 +23,7 @@ import argparse
 import copy
 import json
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -356,6 +358,57 @@ def write_report(root: Path, results: list[dict[str, Any]], cfg: StudyConfig, mo
     plot_study(results, root / "study.png")
 
 
+def job_groups(models: Sequence[StudyModel], jobs: int) -> list[list[str]]:
+    """Model names split into at most ``jobs`` lists for parallel processes.
+
+    A model with ``teacher_from`` runs in the process that trains that teacher (it waits for
+    ``teacher.pt``); groups go largest first to the least-loaded process.
+    """
+    by_name = {sm.name: sm for sm in models}
+
+    def root(sm: StudyModel) -> str:
+        while sm.teacher_from is not None and sm.teacher_from in by_name:
+            sm = by_name[sm.teacher_from]
+        return sm.name
+
+    groups: dict[str, list[str]] = {}
+    for sm in models:
+        groups.setdefault(root(sm), []).append(sm.name)
+    lanes: list[list[str]] = [[] for _ in range(max(1, min(jobs, len(groups))))]
+    for group in sorted(groups.values(), key=len, reverse=True):
+        min(lanes, key=len).extend(group)
+    return lanes
+
+
+def run_jobs(args: argparse.Namespace, cfg: StudyConfig, lanes: list[list[str]]) -> None:
+    """One ``lutnn study --models ...`` process per lane, logs in ``<output_dir>/logs/``; raises
+    :class:`RunError` naming the log of a process that failed."""
+    from ..pipeline.runner import RunError
+
+    logs = Path(cfg.output_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    sets = [arg for kv in args.overrides for arg in ("--set", kv)]
+    procs = []
+    for lane in lanes:
+        log = logs / f"study_{'_'.join(lane)}.log"
+        cmd = [sys.executable, "-m", "lutnn", "study", "--config", args.config, *sets, "--models", *lane]
+        with log.open("w") as fh:
+            procs.append((lane, log, subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)))
+        print(f"[study] started {' '.join(lane)} (log: {log})", flush=True)
+    try:
+        failed = []
+        for lane, log, proc in procs:
+            if proc.wait() != 0:
+                failed.append(f"{' '.join(lane)} (exit {proc.returncode}, see {log})")
+            print(f"[study] finished {' '.join(lane)}: exit {proc.returncode}", flush=True)
+    finally:
+        for _, _, proc in procs:  # Ctrl-C: stop the workers too (they resume on the next run)
+            if proc.poll() is None:
+                proc.terminate()
+    if failed:
+        raise RunError(f"study: parallel process failed: {'; '.join(failed)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="dense / MADDness / k-means / LUT-NN (+ recon loss, int8) per model, "
                                             "on the test split; writes study.md, study.json, study.png")
@@ -365,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", metavar="NAME",
                    help="run and report only these models (e.g. two processes on disjoint models, then one run "
                         "without --models to assemble the full table from the kept rows)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run the models in up to N parallel processes (a model that shares a teacher runs with "
+                        "it; each process uses the config's num_threads), then assemble the table")
     args = p.parse_args(argv)
     from ..convert import LUTConfigError
     from ..pipeline.data import DataError
@@ -377,7 +433,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if unknown:
                 raise ConfigError(f"{args.config}: --models: unknown {unknown}; the config has {[sm.name for sm in models]}")
             models = [sm for sm in models if sm.name in args.models]
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs: must be >= 1, got {args.jobs}")
         start = time.perf_counter()
+        lanes = job_groups(models, args.jobs)
+        if len(lanes) > 1:
+            run_jobs(args, cfg, lanes)
         Study(cfg, models).run()
     except (ConfigError, DataError, LUTConfigError, RunError) as err:
         print(f"error: {first_line(err)}", file=sys.stderr)
