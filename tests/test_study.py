@@ -51,7 +51,7 @@ def test_study_config_file_validates():
     assert models[0].run["data"]["name"] == "fashion_mnist"  # base merged under each model
     # a model's partial section overrides only its keys: the ResNet-9 validates on all held-out images
     assert models[0].run["data"]["eval_limit"] is None and models[0].run["data"]["train_limit"] == 30000
-    assert models[1].run["data"]["eval_limit"] == 1000 and models[0].run["train"]["epochs"] == 8
+    assert models[1].run["data"]["eval_limit"] == 1000 and models[0].run["train"]["epochs"] == 16
     assert models[1].run["train"]["epochs"] == 3
 
 
