@@ -49,10 +49,10 @@ def test_study_config_file_validates():
     assert cfg.methods == list(METHODS)
     assert models[2].teacher_from == "deit_v4" and models[2].run["lut"]["subvec_len"] == 8
     assert models[0].run["data"]["name"] == "fashion_mnist"  # base merged under each model
-    # a model's partial section overrides only its keys: the ResNet-9 validates on all held-out images
+    # a model's partial section overrides only its keys: the ResNet-9 trains 16 LUT epochs, the DeiTs the base 8
     assert models[0].run["data"]["eval_limit"] is None and models[0].run["data"]["train_limit"] == 30000
-    assert models[1].run["data"]["eval_limit"] == 1000 and models[0].run["train"]["epochs"] == 16
-    assert models[1].run["train"]["epochs"] == 3
+    assert models[0].run["train"]["epochs"] == 16 and models[0].run["train"]["lr"] == 3.0e-3
+    assert models[1].run["train"]["epochs"] == 8
 
 
 @pytest.mark.parametrize("change, message", [
